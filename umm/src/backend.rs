@@ -1,0 +1,170 @@
+//! The device side: what a registration domain (RDMA protection domain, CUDA context,
+//! Vulkan device) implements to be managed.
+
+use std::any::Any;
+use std::fmt;
+
+use crate::range::Range;
+
+/// What a backend can and cannot do; read once when the backend is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Whether two registrations of this device may overlap. Verbs and Vulkan allow it;
+    /// CUDA keys host registrations by address and refuses overlaps, so the manager merges
+    /// overlapping and adjacent requests into one larger registration and deregisters the
+    /// old ones first.
+    pub allows_overlap: bool,
+    /// Registrations are rounded out to this power of two (at least the page size).
+    pub alignment: usize,
+    /// The largest registration the device accepts, in bytes.
+    pub max_registration: usize,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            allows_overlap: true,
+            alignment: crate::range::page_size(),
+            max_registration: usize::MAX,
+        }
+    }
+}
+
+/// Coarse classes of backend failures that the manager reacts to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// Out of pinnable memory (`ENOMEM` from RLIMIT_MEMLOCK, a device limit): the manager
+    /// evicts the device's unreferenced entries and retries once.
+    OutOfMemory,
+    /// The range (or part of it) is already registered and the device refuses overlaps.
+    AlreadyRegistered,
+    /// The device cannot use this memory (unmapped, wrong kind of mapping, misaligned).
+    BadAddress,
+    /// The device is gone or not usable.
+    DeviceUnavailable,
+    /// Anything else.
+    Other,
+}
+
+impl fmt::Display for BackendErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendErrorKind::OutOfMemory => "out of pinnable memory",
+            BackendErrorKind::AlreadyRegistered => "already registered",
+            BackendErrorKind::BadAddress => "bad address",
+            BackendErrorKind::DeviceUnavailable => "device unavailable",
+            BackendErrorKind::Other => "backend error",
+        })
+    }
+}
+
+/// A backend's failure: its class plus the backend's own error as the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}")]
+pub struct BackendError {
+    /// What kind of failure it is.
+    pub kind: BackendErrorKind,
+    /// The backend's own error (errno, `CUresult`, `VkResult`, ...).
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BackendError {
+    /// Wraps a backend's error.
+    pub fn new(
+        kind: BackendErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// Classifies an OS error number (`ENOMEM`, `EFAULT`, ...) and keeps it as the source.
+    pub fn from_errno(errno: i32) -> Self {
+        let kind = match errno {
+            libc::ENOMEM | libc::EAGAIN => BackendErrorKind::OutOfMemory,
+            libc::EFAULT | libc::EINVAL => BackendErrorKind::BadAddress,
+            libc::EEXIST => BackendErrorKind::AlreadyRegistered,
+            libc::ENODEV | libc::ENOSYS | libc::ENXIO => BackendErrorKind::DeviceUnavailable,
+            _ => BackendErrorKind::Other,
+        };
+        BackendError::new(kind, std::io::Error::from_raw_os_error(errno))
+    }
+}
+
+/// One registration domain: an RDMA protection domain, a CUDA context, a Vulkan device.
+///
+/// The manager calls a backend only from ordinary threads that may block (a `pin` miss,
+/// [`crate::Manager::flush`], eviction, the optional reaper, `Drop`), never from a notifier
+/// callback or a signal handler, and never concurrently for overlapping ranges of the same
+/// device (all calls for one device are serialised by that device's writer lock).
+///
+/// # Example
+/// ```
+/// use umm::{Backend, BackendError, Capabilities, Range};
+///
+/// /// A "device" whose translation is the address itself.
+/// struct Identity;
+///
+/// impl Backend for Identity {
+///     type Translation = usize;
+///     fn name(&self) -> &str { "identity" }
+///     fn capabilities(&self) -> Capabilities { Capabilities::default() }
+///     fn register(&self, range: Range) -> Result<usize, BackendError> { Ok(range.start()) }
+///     fn deregister(&self, _range: Range, _t: usize) -> Result<(), BackendError> { Ok(()) }
+/// }
+/// ```
+pub trait Backend: Send + Sync + 'static {
+    /// What the device needs to use the memory (lkey/rkey, device pointer, `VkBuffer`...).
+    /// It describes the whole registered range; a [`crate::Pin`] adds the offset of the
+    /// user's sub-range.
+    type Translation: Send + Sync + 'static;
+
+    /// A short name for logs and errors ("rxe0", "cuda:0", "lavapipe").
+    fn name(&self) -> &str;
+
+    /// The device's capabilities; read once at attach time.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Registers (pins and maps) `range`, which is aligned to
+    /// [`Capabilities::alignment`] and no larger than [`Capabilities::max_registration`].
+    fn register(&self, range: Range) -> Result<Self::Translation, BackendError>;
+
+    /// Undoes one successful [`Backend::register`] of `range`. Called exactly once per
+    /// registration. An error is logged and counted; the registration is forgotten anyway.
+    fn deregister(&self, range: Range, translation: Self::Translation) -> Result<(), BackendError>;
+}
+
+/// A translation with its type erased, as the manager stores it.
+pub(crate) type ErasedTranslation = Box<dyn Any + Send + Sync>;
+
+/// Object-safe view of a [`Backend`], so devices of different types share one manager.
+pub(crate) trait ErasedBackend: Send + Sync {
+    fn name(&self) -> &str;
+    fn register(&self, range: Range) -> Result<ErasedTranslation, BackendError>;
+    fn deregister(&self, range: Range, translation: ErasedTranslation) -> Result<(), BackendError>;
+}
+
+impl<B: Backend> ErasedBackend for B {
+    fn name(&self) -> &str {
+        Backend::name(self)
+    }
+
+    fn register(&self, range: Range) -> Result<ErasedTranslation, BackendError> {
+        Backend::register(self, range).map(|t| Box::new(t) as ErasedTranslation)
+    }
+
+    fn deregister(&self, range: Range, translation: ErasedTranslation) -> Result<(), BackendError> {
+        match translation.downcast::<B::Translation>() {
+            Ok(t) => Backend::deregister(self, range, *t),
+            // Unreachable by construction: a device only ever stores its own translations.
+            Err(_) => Err(BackendError::new(
+                BackendErrorKind::Other,
+                "translation of a foreign type",
+            )),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The invalidation side: what tells the manager that a range is going away or changing.
+
+use std::sync::atomic::AtomicU64;
+
+use crate::range::Range;
+
+/// Where a [`NotifierSource`] delivers what it learned. Implemented by [`crate::Manager`].
+///
+/// Both methods are allocation-free in their recording step, never wait for a lock that a
+/// thread inside `pin` or a backend can hold, and may be called from any thread.
+pub trait InvalidationSink: Send + Sync {
+    /// `range` was (or is about to be) unmapped, remapped or emptied.
+    fn invalidate(&self, range: Range);
+    /// Events were lost (a ring overflowed): treat everything as changed.
+    fn invalidate_all(&self);
+}
+
+/// Something that learns about unmaps/remaps of watched ranges: the kernel module, a
+/// userfaultfd reader, interposed `munmap`/`mremap`/`madvise`, or the application itself.
+///
+/// The manager calls [`watch`](NotifierSource::watch) for every registration before the
+/// backend registers it and [`unwatch`](NotifierSource::unwatch) after the backend
+/// deregistered it. Cookies are unique per manager; ranges of different cookies may
+/// overlap or repeat (one range registered on two devices is watched twice), so a source
+/// that maps watches onto a kernel facility must count references per range.
+///
+/// Sources that learn about events asynchronously (a kernel ring read later) expose a
+/// [`generation`](NotifierSource::generation) counter that is bumped synchronously with the
+/// causing syscall; every cache hit compares it with the value seen at the last
+/// [`drain`](NotifierSource::drain), so a stale entry is never returned after the causing
+/// syscall returned. Sources that call [`InvalidationSink`] synchronously (userfaultfd
+/// reader, interposition) need no generation.
+///
+/// # Example
+/// ```
+/// use std::sync::atomic::AtomicU64;
+/// use umm::{InvalidationSink, NotifierSource, Range};
+///
+/// /// A source that watches nothing and reports nothing.
+/// struct Silent;
+///
+/// impl NotifierSource for Silent {
+///     fn name(&self) -> &str { "silent" }
+///     fn watch(&self, _cookie: u64, _range: Range)
+///         -> Result<(), Box<dyn std::error::Error + Send + Sync>> { Ok(()) }
+///     fn unwatch(&self, _cookie: u64, _range: Range) {}
+/// }
+/// ```
+pub trait NotifierSource: Send + Sync {
+    /// A short name for logs and errors.
+    fn name(&self) -> &str;
+
+    /// Start reporting changes of `range` under `cookie`. An error makes the manager undo
+    /// the registration and fail the `pin` with [`crate::Error::Watch`].
+    fn watch(&self, cookie: u64, range: Range)
+        -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Stop reporting changes of the watch made under `cookie`.
+    fn unwatch(&self, cookie: u64, range: Range);
+
+    /// A counter bumped synchronously whenever an event is recorded that
+    /// [`drain`](NotifierSource::drain) has not delivered yet, or `None` when the source
+    /// delivers every event synchronously. It must live as long as the source.
+    fn generation(&self) -> Option<&AtomicU64> {
+        None
+    }
+
+    /// Delivers every event recorded so far to `sink`. Called by the manager when
+    /// [`generation`](NotifierSource::generation) moved; may be called concurrently from
+    /// several threads and must not block on anything but the source's own short locks.
+    fn drain(&self, sink: &dyn InvalidationSink) {
+        let _ = sink;
+    }
+}

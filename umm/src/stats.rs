@@ -1,0 +1,77 @@
+//! Counters, read as one snapshot by [`crate::Manager::stats`].
+
+use crate::device::DeviceId;
+
+/// Counters of one device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// The device.
+    pub id: Option<DeviceId>,
+    /// The backend's name.
+    pub name: String,
+    /// Pins of this device served from the cache (no backend call).
+    pub hits: u64,
+    /// Pins of this device that needed a registration.
+    pub misses: u64,
+    /// Successful backend registrations.
+    pub registrations: u64,
+    /// Backend deregistrations (successful or not).
+    pub deregistrations: u64,
+    /// Deregistrations the backend reported as failed (the registration is forgotten anyway).
+    pub deregistration_errors: u64,
+    /// Entries marked invalid by an invalidation.
+    pub invalidated_entries: u64,
+    /// Valid, unreferenced entries deregistered to respect the cache limits or to make room
+    /// after an out-of-memory error.
+    pub evictions: u64,
+    /// Entries merged into a larger registration (devices that refuse overlaps).
+    pub merges: u64,
+    /// Bytes currently registered with the backend (valid and stale-but-pinned).
+    pub registered_bytes: u64,
+    /// Registrations currently held with the backend (valid and stale-but-pinned).
+    pub registered_entries: u64,
+    /// Valid entries in the cache (findable by a hit).
+    pub cached_entries: u64,
+}
+
+/// A snapshot of the manager's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// `pin` calls where some devices hit and others had to register.
+    pub partial_hits: u64,
+    /// Calls of [`crate::Manager::invalidate`] (and its deferred form) that found at least one
+    /// registered entry to invalidate.
+    pub invalidations: u64,
+    /// Calls that invalidated everything (ring overflow, [`crate::Manager::invalidate_all`]).
+    pub invalidate_all: u64,
+    /// Per device, in attach order.
+    pub devices: Vec<DeviceStats>,
+}
+
+impl Stats {
+    /// The counters of one device.
+    pub fn device(&self, id: impl Into<DeviceId>) -> Option<&DeviceStats> {
+        let id = id.into();
+        self.devices.iter().find(|d| d.id == Some(id))
+    }
+
+    /// Sum of hits over all devices.
+    pub fn hits(&self) -> u64 {
+        self.devices.iter().map(|d| d.hits).sum()
+    }
+
+    /// Sum of misses over all devices.
+    pub fn misses(&self) -> u64 {
+        self.devices.iter().map(|d| d.misses).sum()
+    }
+
+    /// Sum of registrations over all devices.
+    pub fn registrations(&self) -> u64 {
+        self.devices.iter().map(|d| d.registrations).sum()
+    }
+
+    /// Sum of deregistrations over all devices.
+    pub fn deregistrations(&self) -> u64 {
+        self.devices.iter().map(|d| d.deregistrations).sum()
+    }
+}
