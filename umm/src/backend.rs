@@ -143,14 +143,14 @@ pub(crate) type ErasedTranslation = Box<dyn Any + Send + Sync>;
 
 /// Object-safe view of a [`Backend`], so devices of different types share one manager.
 pub(crate) trait ErasedBackend: Send + Sync {
-    fn name(&self) -> &str;
+    fn as_any(&self) -> &dyn Any;
     fn register(&self, range: Range) -> Result<ErasedTranslation, BackendError>;
     fn deregister(&self, range: Range, translation: ErasedTranslation) -> Result<(), BackendError>;
 }
 
 impl<B: Backend> ErasedBackend for B {
-    fn name(&self) -> &str {
-        Backend::name(self)
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 
     fn register(&self, range: Range) -> Result<ErasedTranslation, BackendError> {

@@ -1,1 +1,273 @@
-//! Placeholder; filled in by the core implementation.
+//! The lock-free lookup index of one device: a radix tree keyed by 4 KiB page number.
+//!
+//! # Why a radix tree
+//!
+//! Measured on the project's machine (DESIGN.md section 3): a binary search over a sorted
+//! snapshot costs ~10 ns at 10^3 entries and ~100 ns with a cache miss at 10^5, an
+//! `arc-swap`ed snapshot adds two locked operations per lookup and costs O(n) per insert,
+//! while a page-table-like radix stays at 17–19 ns at every size. So hits walk a four-level
+//! tree of 512-slot nodes (4 KiB pages → 36-bit page numbers → 48-bit addresses, the
+//! x86-64 and arm64 user address space); higher addresses are simply never found here and
+//! take the locked slow path.
+//!
+//! # Slots
+//!
+//! A slot holds 0 (nothing), a child node pointer (low bit clear), or an entry pointer with
+//! the low bit set, meaning "this entry covers (part of) every page of the slot's span" —
+//! an entry covering a whole aligned 2 MiB or 1 GiB block sits in one upper-level slot, so
+//! inserting a large registration writes O(levels × 512) slots, not one per page.
+//!
+//! Entries of one device may overlap (verbs and Vulkan allow it). The index is a *hint*:
+//! the most recently inserted entry wins a page, and a reader always validates the entry it
+//! found (state and range, after taking its reference; see `entry`). When the entry found
+//! at the first page does not cover the whole request, the hit falls back to the locked
+//! path, which searches every live entry. Removing an entry clears the slots that point to
+//! it; the caller then re-inserts the live entries that overlapped it (`fill_empty`).
+//!
+//! Only the holder of the device's writer lock modifies the tree. Child nodes are published
+//! with `Release` after being filled, and are freed only when the index is dropped (they
+//! stay mapped so a racing reader never touches freed memory; the cost is one 4 KiB node
+//! per 2 MiB / 1 GiB / 512 GiB span ever split).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::entry::Entry;
+
+const FANOUT_BITS: u32 = 9;
+const FANOUT: usize = 1 << FANOUT_BITS;
+const LEVELS: u32 = 4;
+const PAGE_BITS: u32 = 12;
+/// One past the highest page number the tree covers.
+const PAGE_LIMIT: u64 = 1 << (FANOUT_BITS * LEVELS);
+const ENTRY_TAG: usize = 1;
+
+struct Node {
+    slots: [AtomicUsize; FANOUT],
+}
+
+impl Node {
+    fn new_filled(v: usize) -> Box<Node> {
+        Box::new(Node {
+            slots: std::array::from_fn(|_| AtomicUsize::new(v)),
+        })
+    }
+}
+
+/// See the [module docs](self).
+pub(crate) struct RadixIndex {
+    root: Box<Node>,
+}
+
+/// Page span `[first, last]` (inclusive) of a byte range, clamped to what the tree covers.
+fn pages(start: usize, end: usize) -> Option<(u64, u64)> {
+    let first = (start >> PAGE_BITS) as u64;
+    let last = ((end - 1) >> PAGE_BITS) as u64;
+    if first >= PAGE_LIMIT {
+        return None;
+    }
+    Some((first, last.min(PAGE_LIMIT - 1)))
+}
+
+fn span_bits(level: u32) -> u32 {
+    FANOUT_BITS * level
+}
+
+impl RadixIndex {
+    pub(crate) fn new() -> Self {
+        RadixIndex {
+            root: Node::new_filled(0),
+        }
+    }
+
+    /// The entry the tree holds for the page of `addr`, if any. Lock-free, allocation-free.
+    #[inline]
+    pub(crate) fn lookup(&self, addr: usize) -> *const Entry {
+        let page = (addr >> PAGE_BITS) as u64;
+        if page >= PAGE_LIMIT {
+            return std::ptr::null();
+        }
+        let mut node: &Node = &self.root;
+        let mut level = LEVELS - 1;
+        loop {
+            let idx = ((page >> span_bits(level)) as usize) & (FANOUT - 1);
+            // Acquire: pairs with the Release publication of child nodes and entries.
+            let v = node.slots[idx].load(Ordering::Acquire);
+            if v & ENTRY_TAG != 0 {
+                return (v & !ENTRY_TAG) as *const Entry;
+            }
+            if v == 0 || level == 0 {
+                return std::ptr::null();
+            }
+            // SAFETY: a non-zero untagged slot above level 0 is a child node published with
+            // Release; nodes are freed only when the whole index is dropped.
+            node = unsafe { &*(v as *const Node) };
+            level -= 1;
+        }
+    }
+
+    /// Whether any slot overlapping `[start, end)` is non-empty (conservative: an upper
+    /// slot counts if its block overlaps). Lock-free, allocation-free.
+    pub(crate) fn any_in(&self, start: usize, end: usize) -> bool {
+        match pages(start, end) {
+            Some((first, last)) => Self::any_in_node(&self.root, LEVELS - 1, 0, first, last),
+            None => false,
+        }
+    }
+
+    fn any_in_node(node: &Node, level: u32, base: u64, first: u64, last: u64) -> bool {
+        let bits = span_bits(level);
+        let lo = ((first.max(base) - base) >> bits) as usize;
+        let hi = ((last - base) >> bits).min(FANOUT as u64 - 1) as usize;
+        (lo..=hi).any(|idx| {
+            let v = node.slots[idx].load(Ordering::Acquire);
+            if v == 0 {
+                false
+            } else if v & ENTRY_TAG != 0 || level == 0 {
+                true
+            } else {
+                // SAFETY: child node, see `lookup`.
+                let child = unsafe { &*(v as *const Node) };
+                Self::any_in_node(child, level - 1, base + ((idx as u64) << bits), first, last)
+            }
+        })
+    }
+
+    /// Points every page of `[start, end)` at `entry` (the newest entry wins).
+    /// Caller holds the writer lock.
+    pub(crate) fn insert(&self, start: usize, end: usize, entry: *const Entry) {
+        let tagged = entry as usize | ENTRY_TAG;
+        self.update(start, end, &|_| Some(tagged));
+    }
+
+    /// Clears the pages of `[start, end)` that point at `entry`. Caller holds the lock.
+    pub(crate) fn remove(&self, start: usize, end: usize, entry: *const Entry) {
+        let tagged = entry as usize | ENTRY_TAG;
+        self.update(start, end, &|cur| (cur == tagged).then_some(0));
+    }
+
+    /// Points the empty pages of `[start, end)` at `entry`. Caller holds the lock.
+    pub(crate) fn fill_empty(&self, start: usize, end: usize, entry: *const Entry) {
+        let tagged = entry as usize | ENTRY_TAG;
+        self.update(start, end, &|cur| (cur == 0).then_some(tagged));
+    }
+
+    /// Applies `f` (current slot value → new value, `None` = keep) to every page of
+    /// `[start, end)`, splitting upper slots that the range covers only in part.
+    fn update(&self, start: usize, end: usize, f: &dyn Fn(usize) -> Option<usize>) {
+        if let Some((first, last)) = pages(start, end) {
+            Self::update_node(&self.root, LEVELS - 1, 0, first, last, f);
+        }
+    }
+
+    fn update_node(
+        node: &Node,
+        level: u32,
+        base: u64,
+        first: u64,
+        last: u64,
+        f: &dyn Fn(usize) -> Option<usize>,
+    ) {
+        let bits = span_bits(level);
+        let lo = ((first.max(base) - base) >> bits) as usize;
+        let hi = ((last - base) >> bits).min(FANOUT as u64 - 1) as usize;
+        for idx in lo..=hi {
+            let slot_first = base + ((idx as u64) << bits);
+            let slot_last = slot_first + (1u64 << bits) - 1;
+            let cur = node.slots[idx].load(Ordering::Relaxed);
+            let is_child = cur != 0 && cur & ENTRY_TAG == 0 && level > 0;
+            if is_child {
+                // SAFETY: child node owned by this index; we hold the writer lock.
+                let child = unsafe { &*(cur as *const Node) };
+                Self::update_node(child, level - 1, slot_first, first, last, f);
+                continue;
+            }
+            let new = match f(cur) {
+                Some(new) if new != cur => new,
+                _ => continue,
+            };
+            if level == 0 || (first <= slot_first && slot_last <= last) {
+                // Release: the entry's publication happens-before a reader that sees it.
+                node.slots[idx].store(new, Ordering::Release);
+            } else {
+                // Split: a child repeating the current value, then update inside it, then
+                // publish it. Readers see either the old value or the finished child.
+                let child = Box::into_raw(Node::new_filled(cur));
+                // SAFETY: freshly allocated, not yet shared.
+                Self::update_node(unsafe { &*child }, level - 1, slot_first, first, last, f);
+                node.slots[idx].store(child as usize, Ordering::Release);
+            }
+        }
+    }
+
+    fn free_node(node: &Node, level: u32) {
+        if level == 0 {
+            return;
+        }
+        for slot in &node.slots {
+            let v = slot.load(Ordering::Relaxed);
+            if v != 0 && v & ENTRY_TAG == 0 {
+                // SAFETY: child nodes come from Box::into_raw in update_node and are
+                // reachable from exactly one slot; the index is being dropped, so no
+                // reader remains.
+                let child = unsafe { Box::from_raw(v as *mut Node) };
+                Self::free_node(&child, level - 1);
+            }
+        }
+    }
+}
+
+impl Drop for RadixIndex {
+    fn drop(&mut self) {
+        Self::free_node(&self.root, LEVELS - 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(n: usize) -> *const Entry {
+        (n * 64) as *const Entry
+    }
+
+    #[test]
+    fn insert_lookup_remove_with_splits() {
+        let ix = RadixIndex::new();
+        let big = (1usize << 30, 3usize << 30); // two whole 1 GiB blocks
+        ix.insert(big.0, big.1, fake(1));
+        assert_eq!(ix.lookup(big.0 + 12345), fake(1));
+        assert_eq!(ix.lookup(big.1 - 1), fake(1));
+        assert!(ix.lookup(big.1).is_null());
+        // A small newer entry inside splits the upper slot; the rest still finds the big one.
+        ix.insert(big.0 + 0x5000, big.0 + 0x7000, fake(2));
+        assert_eq!(ix.lookup(big.0 + 0x5000), fake(2));
+        assert_eq!(ix.lookup(big.0 + 0x6fff), fake(2));
+        assert_eq!(ix.lookup(big.0 + 0x4fff), fake(1));
+        assert_eq!(ix.lookup(big.0 + 0x7000), fake(1));
+        assert_eq!(ix.lookup(big.0 + (5 << 20)), fake(1));
+        // Removing the small one leaves holes that fill_empty restores.
+        ix.remove(big.0 + 0x5000, big.0 + 0x7000, fake(2));
+        assert!(ix.lookup(big.0 + 0x5000).is_null());
+        ix.fill_empty(big.0, big.1, fake(1));
+        assert_eq!(ix.lookup(big.0 + 0x5000), fake(1));
+        // remove only clears slots of that entry.
+        ix.remove(big.0, big.1, fake(3));
+        assert_eq!(ix.lookup(big.0), fake(1));
+        ix.remove(big.0, big.1, fake(1));
+        assert!(ix.lookup(big.0).is_null() && ix.lookup(big.0 + 0x5000).is_null());
+        assert!(!ix.any_in(big.0, big.1));
+    }
+
+    #[test]
+    fn any_in_and_out_of_range() {
+        let ix = RadixIndex::new();
+        ix.insert(0x10000, 0x12000, fake(7));
+        assert!(ix.any_in(0x11fff, 0x20000));
+        assert!(ix.any_in(0, usize::MAX));
+        assert!(!ix.any_in(0x12000, 0x13000));
+        assert!(!ix.any_in(0, 0x10000));
+        // Beyond the covered address space: never found, never panics.
+        ix.insert(usize::MAX - 0xfff, usize::MAX, fake(9));
+        assert!(ix.lookup(usize::MAX - 5).is_null());
+    }
+}

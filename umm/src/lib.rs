@@ -42,8 +42,8 @@
 
 pub mod backend;
 pub mod device;
-pub mod error;
 mod entry;
+pub mod error;
 mod index;
 pub mod manager;
 pub mod range;

@@ -52,8 +52,11 @@ pub trait NotifierSource: Send + Sync {
 
     /// Start reporting changes of `range` under `cookie`. An error makes the manager undo
     /// the registration and fail the `pin` with [`crate::Error::Watch`].
-    fn watch(&self, cookie: u64, range: Range)
-        -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn watch(
+        &self,
+        cookie: u64,
+        range: Range,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
     /// Stop reporting changes of the watch made under `cookie`.
     fn unwatch(&self, cookie: u64, range: Range);
