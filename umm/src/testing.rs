@@ -17,10 +17,20 @@ use crate::range::Range;
 /// The translation a [`RecordingBackend`] hands out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordedTranslation {
-    /// Unique per registration (1, 2, 3 ...).
+    /// Unique per backend (1, 2, 3 ...).
     pub id: u64,
     /// The registered range.
     pub range: Range,
+    /// When it was registered, on the process-wide logical clock of [`now`].
+    pub stamp: u64,
+}
+
+static CLOCK: AtomicU64 = AtomicU64::new(1);
+
+/// Ticks and reads a process-wide logical clock shared with every [`RecordingBackend`]
+/// registration, so concurrent tests can order "registered before that invalidation began".
+pub fn now() -> u64 {
+    CLOCK.fetch_add(1, Ordering::SeqCst)
 }
 
 /// One call the backend saw.
@@ -181,6 +191,7 @@ impl Backend for RecordingBackend {
         let t = RecordedTranslation {
             id: self.ledger.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             range,
+            stamp: now(),
         };
         live.insert(t.id, range);
         self.ledger
