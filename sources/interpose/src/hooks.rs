@@ -1,0 +1,267 @@
+//! The hook bodies: report the affected range, then call the real function.
+//!
+//! [`crate::export_hooks!`] exports these under the libc names. They can also be called
+//! directly by an application that prefers explicit calls to symbol interposition.
+
+use std::ffi::c_void;
+
+use libc::{c_int, intptr_t, off64_t, off_t, size_t};
+
+use crate::real::{self, get};
+use crate::report;
+
+/// Rounds `[addr, addr + len)` out to pages and reports it.
+fn report_pages(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let page = umm::page_size();
+    let start = addr & !(page - 1);
+    let end = addr.saturating_add(len).saturating_add(page - 1) & !(page - 1);
+    report(start, end.saturating_sub(start));
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// `munmap`: reports the range, then unmaps it.
+///
+/// # Safety
+/// As `munmap(2)`.
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    report_pages(addr as usize, len);
+    match get(&real::MUNMAP) {
+        // SAFETY: the resolved symbol is libc's (or the next interposer's) munmap.
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, unsafe extern "C" fn(*mut c_void, size_t) -> c_int>(
+                f,
+            )(addr, len)
+        },
+        // SAFETY: the raw system call with the caller's arguments.
+        None => unsafe { libc::syscall(libc::SYS_munmap, addr, len) as c_int },
+    }
+}
+
+type MmapFn = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
+
+/// `mmap`: with `MAP_FIXED` what was mapped at the target is unmapped: reports it first.
+///
+/// # Safety
+/// As `mmap(2)`.
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
+    if flags & libc::MAP_FIXED != 0 {
+        report_pages(addr as usize, len);
+    }
+    match get(&real::MMAP) {
+        // SAFETY: the resolved symbol is the next mmap.
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, MmapFn>(f)(addr, len, prot, flags, fd, off)
+        },
+        // SAFETY: the raw system call with the caller's arguments.
+        None => unsafe {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
+        },
+    }
+}
+
+/// `mmap64` (the same function on 64-bit Linux).
+///
+/// # Safety
+/// As `mmap(2)`.
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off64_t,
+) -> *mut c_void {
+    if flags & libc::MAP_FIXED != 0 {
+        report_pages(addr as usize, len);
+    }
+    match get(&real::MMAP64).or(get(&real::MMAP)) {
+        // SAFETY: the resolved symbol is the next mmap64/mmap (same ABI on 64-bit).
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, MmapFn>(f)(addr, len, prot, flags, fd, off)
+        },
+        // SAFETY: the raw system call with the caller's arguments.
+        None => unsafe {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
+        },
+    }
+}
+
+type MremapFn =
+    unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
+
+/// `mremap`. In C it is variadic (`new_address` only with `MREMAP_FIXED`); on the
+/// x86_64 and aarch64 Linux ABIs a variadic pointer argument travels like a fifth fixed
+/// one, so the hook reads it as one and uses it only when `MREMAP_FIXED` says it exists.
+///
+/// Reports the old range when the mapping may move (`MREMAP_MAYMOVE` growing,
+/// `MREMAP_FIXED`, `MREMAP_DONTUNMAP`), the cut tail when it shrinks, and the target
+/// with `MREMAP_FIXED`. An in-place grow is not reported (nothing goes away).
+///
+/// # Safety
+/// As `mremap(2)`.
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_size: size_t,
+    new_size: size_t,
+    flags: c_int,
+    new_address: *mut c_void,
+) -> *mut c_void {
+    let fixed = flags & libc::MREMAP_FIXED != 0;
+    let moves = fixed
+        || flags & libc::MREMAP_DONTUNMAP != 0
+        || (flags & libc::MREMAP_MAYMOVE != 0 && new_size > old_size);
+    if moves {
+        report_pages(old as usize, old_size);
+    } else if new_size < old_size {
+        report_pages(old as usize + new_size, old_size - new_size);
+    }
+    if fixed {
+        report_pages(new_address as usize, new_size);
+    }
+    let new_address = if fixed {
+        new_address
+    } else {
+        std::ptr::null_mut()
+    };
+    match get(&real::MREMAP) {
+        // SAFETY: the resolved symbol is the next mremap; passing the fifth argument as a
+        // fixed one is what a variadic call does on this ABI (see above).
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, MremapFn>(f)(
+                old,
+                old_size,
+                new_size,
+                flags,
+                new_address,
+            )
+        },
+        // SAFETY: the raw system call with the caller's arguments.
+        None => unsafe {
+            libc::syscall(
+                libc::SYS_mremap,
+                old,
+                old_size,
+                new_size,
+                flags,
+                new_address,
+            ) as *mut c_void
+        },
+    }
+}
+
+/// `MADV_DONTNEED_LOCKED` (Linux 5.18), not in every libc crate version.
+const MADV_DONTNEED_LOCKED: c_int = 24;
+
+/// `madvise`: `MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE` and `MADV_DONTNEED_LOCKED`
+/// empty the range (new pages on the next touch): reported first.
+///
+/// # Safety
+/// As `madvise(2)`.
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
+    if matches!(
+        advice,
+        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE | MADV_DONTNEED_LOCKED
+    ) {
+        report_pages(addr as usize, len);
+    }
+    match get(&real::MADVISE) {
+        // SAFETY: the resolved symbol is the next madvise.
+        Some(f) => unsafe {
+            std::mem::transmute::<
+                *const c_void,
+                unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int,
+            >(f)(addr, len, advice)
+        },
+        // SAFETY: the raw system call with the caller's arguments.
+        None => unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) as c_int },
+    }
+}
+
+/// `shmdt`: looks the segment's extent up in `/proc/self/maps` (allocation-free) and
+/// reports it.
+///
+/// # Safety
+/// As `shmdt(2)`.
+pub unsafe extern "C" fn shmdt(addr: *const c_void) -> c_int {
+    if let Some(end) = crate::maps::extent_of(addr as usize) {
+        report_pages(addr as usize, end - addr as usize);
+    }
+    match get(&real::SHMDT) {
+        // SAFETY: the resolved symbol is the next shmdt.
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, unsafe extern "C" fn(*const c_void) -> c_int>(f)(
+                addr,
+            )
+        },
+        // SAFETY: the raw system call with the caller's argument.
+        None => unsafe { libc::syscall(libc::SYS_shmdt, addr) as c_int },
+    }
+}
+
+type SbrkFn = unsafe extern "C" fn(intptr_t) -> *mut c_void;
+
+fn current_break() -> Option<usize> {
+    let f = get(&real::SBRK)?;
+    // SAFETY: the resolved sbrk; an increment of 0 only reads the break.
+    let cur = unsafe { std::mem::transmute::<*const c_void, SbrkFn>(f)(0) };
+    (cur as isize != -1).then_some(cur as usize)
+}
+
+/// `brk`: a lower break releases `[addr, old break)`: reported first.
+///
+/// # Safety
+/// As `brk(2)`.
+pub unsafe extern "C" fn brk(addr: *mut c_void) -> c_int {
+    if let Some(cur) = current_break() {
+        if (addr as usize) < cur {
+            report_pages(addr as usize, cur - addr as usize);
+        }
+    }
+    match get(&real::BRK) {
+        // SAFETY: the resolved symbol is the next brk.
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, unsafe extern "C" fn(*mut c_void) -> c_int>(f)(
+                addr,
+            )
+        },
+        None => {
+            set_errno(libc::ENOMEM);
+            -1
+        }
+    }
+}
+
+/// `sbrk`: a negative increment releases the top of the heap: reported first.
+///
+/// # Safety
+/// As `sbrk(2)`.
+pub unsafe extern "C" fn sbrk(increment: intptr_t) -> *mut c_void {
+    if increment < 0 {
+        if let Some(cur) = current_break() {
+            let gone = increment.unsigned_abs();
+            report_pages(cur.saturating_sub(gone), gone);
+        }
+    }
+    match get(&real::SBRK) {
+        // SAFETY: the resolved symbol is the next sbrk.
+        Some(f) => unsafe { std::mem::transmute::<*const c_void, SbrkFn>(f)(increment) },
+        None => {
+            set_errno(libc::ENOMEM);
+            usize::MAX as *mut c_void
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! # umm-interpose: invalidate before `munmap` and friends run
+//!
+//! Hooks for `munmap`, `mremap`, `madvise` (`MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`,
+//! `MADV_DONTNEED_LOCKED`), `mmap`/`mmap64` with `MAP_FIXED` (an unmap of what was there),
+//! `shmdt`, and shrinking `brk`/`sbrk`. Each hook reports the affected range to the
+//! installed sink **before** calling the real function, found with `dlsym(RTLD_NEXT)`, so
+//! the invalidation is recorded before the pages go away.
+//!
+//! ## Two ways to get the hooks in
+//!
+//! * **LD_PRELOAD**: `libumm_preload.so` (crate `umm-preload`) exports the hooks and sees
+//!   every call made through the PLT by the program and its shared libraries.
+//! * **In-process**: a binary calls [`export_hooks!`] once; the hooks then override libc's
+//!   for all code linked statically into the binary (all Rust code, including `std` and
+//!   the `libc` crate). Shared libraries keep calling libc unless the binary is linked with
+//!   `-rdynamic`. Both can be stacked: the binary's hook calls `RTLD_NEXT`, which is the
+//!   preloaded one, which calls libc.
+//!
+//! Either way, [`install`] connects the hooks to a manager (or any [`HookSink`]): it sets
+//! this copy's sink and, when `libumm_preload.so` is loaded, that copy's too (through its
+//! exported `umm_interpose_set_sink`).
+//!
+//! ## Rules of the hook path
+//!
+//! * **Callable before any manager exists**: the sink is a process-global
+//!   `AtomicPtr`; null means "pass through".
+//! * **No allocation, no locks**: the hook path is a thread-local recursion flag (`const`
+//!   initialised `Cell<bool>`, no destructor, no lazy allocation), two atomics and the
+//!   sink. The sink of a manager is [`umm::Manager::invalidate_deferred`], which is
+//!   allocation-free and lock-free, so a hook called from inside an allocator (jemalloc,
+//!   tcmalloc call `munmap`/`madvise` through the PLT) cannot re-enter it or deadlock.
+//! * **No re-entrance**: a hook entered again on the same thread (the sink unmapping
+//!   something) passes the inner call straight through.
+//! * **Real functions** are resolved once by a constructor (`.init_array`) at load time,
+//!   never in the hook path (`dlsym` may allocate); a hook running before that falls back
+//!   to the raw system call (`brk`/`sbrk`, which glibc emulates, fail with `ENOMEM`).
+//! * [`Installation`]'s drop clears the sink and waits until no hook is still using it
+//!   before the sink is released.
+//!
+//! ## What interposition cannot see (the coverage matrix in `docs/coverage-matrix.md`)
+//!
+//! glibc's `free()`, `realloc()`, `malloc_trim()` and its automatic heap trimming call the
+//! internal `__munmap`/`__mremap`/`__madvise`/`__brk`, which no interposed symbol sees, so
+//! **freeing a large malloc block is not caught**. We deliberately do not hook `free`:
+//! doing so would put a lookup on every `free` of the process and still miss the trim
+//! paths. Raw `syscall(SYS_munmap, ...)`, statically linked programs, and memory changes
+//! made by the kernel (fork COW break, page migration) are not seen either. Use the
+//! userfaultfd source (`umm-uffd`) or the kernel module for those, or call
+//! [`umm::Manager::invalidate`] yourself (the **manual source**: an application that
+//! knows it is about to unmap or reuse memory tells the manager directly).
+//!
+//! ## Example
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use umm::Range;
+//! use umm_interpose::{install, HookSink};
+//!
+//! struct Log(Mutex<Vec<Range>>);
+//! impl HookSink for Log {
+//!     fn invalidate_from_hook(&self, range: Range) { self.0.lock().unwrap().push(range) }
+//! }
+//!
+//! let log = Arc::new(Log(Mutex::new(Vec::new())));
+//! let installed = install(log.clone()).unwrap();
+//! let len = 2 * umm::page_size();
+//! // SAFETY: a fresh anonymous mapping, unmapped through the hook right away.
+//! unsafe {
+//!     let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ,
+//!                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+//!     umm_interpose::hooks::munmap(p, len); // what the exported `munmap` calls
+//!     assert_eq!(log.0.lock().unwrap()[0], Range::new(p as usize, len).unwrap());
+//! }
+//! drop(installed);
+//! ```
+//!
+//! With a manager: `let _hooks = umm_interpose::install(manager.clone())?;` where
+//! `manager: Arc<umm::Manager>`; hooks then call `manager.invalidate_deferred(range)`.
+
+#![deny(missing_docs)]
+
+pub mod hooks;
+mod maps;
+#[doc(hidden)]
+pub use libc as __libc;
+pub mod real;
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use umm::Range;
+
+/// What the hooks report to: [`umm::Manager`] implements it with
+/// [`umm::Manager::invalidate_deferred`].
+///
+/// Implementations run inside `munmap` & co. of any thread, possibly inside an allocator:
+/// they must not allocate, lock, or unmap.
+pub trait HookSink: Send + Sync + 'static {
+    /// `range` is about to be unmapped, remapped or emptied.
+    fn invalidate_from_hook(&self, range: Range);
+}
+
+impl HookSink for umm::Manager {
+    fn invalidate_from_hook(&self, range: Range) {
+        self.invalidate_deferred(range);
+    }
+}
+
+/// The C-ABI form of a sink: called with the `ctx` given at installation and the range.
+pub type RawSink = unsafe extern "C" fn(ctx: *const c_void, start: usize, len: usize);
+
+/// One installed sink. Immutable once published; freed only after the hooks quiesced.
+struct Slot {
+    sink: RawSink,
+    ctx: *const c_void,
+}
+
+/// The published sink of this copy of the crate (null: pass through).
+static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+/// Hooks between "about to load `SLOT`" and "done calling its sink". SeqCst with `SLOT`:
+/// a hook that loaded a slot has incremented this before the load, so [`set_raw_sink`]'s
+/// swap-then-wait sees it and does not free the slot under it.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Set while this thread is inside a hook: a nested hook passes straight through.
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Reports `[start, start + len)` to the installed sink, unless none is installed or this
+/// thread is already inside a hook. Allocation-free and lock-free.
+pub fn report(start: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let Ok(range) = Range::new(start, len) else {
+        return;
+    };
+    // `try_with`: during thread teardown the flag may be gone; then skip the report
+    // rather than abort (the hook still calls the real function).
+    let entered = IN_HOOK.try_with(|f| !f.replace(true)).unwrap_or(false);
+    if !entered {
+        return;
+    }
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let slot = SLOT.load(Ordering::SeqCst);
+    if !slot.is_null() {
+        // SAFETY: a published slot stays allocated until `set_raw_sink` saw IN_FLIGHT
+        // drop to 0 after unpublishing it, and we are counted in IN_FLIGHT.
+        let slot = unsafe { &*slot };
+        // SAFETY: the installer promised that `sink` may be called with `ctx` until it
+        // unpublishes the slot (see `set_raw_sink`).
+        unsafe { (slot.sink)(slot.ctx, range.start(), range.len()) };
+    }
+    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    let _ = IN_HOOK.try_with(|f| f.set(false));
+}
+
+/// Publishes `sink` (or none) for this copy's hooks, then waits until no hook uses the
+/// previous one, and frees it. Returns whether a sink was installed before.
+///
+/// # Safety
+/// `sink` must be callable with `ctx` from any thread, inside any `munmap` call, until a
+/// later `set_raw_sink` returns. Must not be called from inside a hook or a sink (it would
+/// wait for itself).
+pub unsafe fn set_raw_sink(sink: Option<(RawSink, *const c_void)>) -> bool {
+    let new = match sink {
+        Some((sink, ctx)) => Box::into_raw(Box::new(Slot { sink, ctx })),
+        None => std::ptr::null_mut(),
+    };
+    let old = SLOT.swap(new, Ordering::SeqCst);
+    while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+    if old.is_null() {
+        return false;
+    }
+    // SAFETY: `old` came from Box::into_raw above (in an earlier call) and no hook can
+    // still hold it: it is unpublished and IN_FLIGHT was 0 after the swap.
+    drop(unsafe { Box::from_raw(old) });
+    true
+}
+
+/// The C entry point [`export_hooks!`] exports as `umm_interpose_set_sink`, so an
+/// application's copy of this crate can set the sink of the preloaded library's copy.
+///
+/// # Safety
+/// As [`set_raw_sink`]; a null `sink` uninstalls.
+pub unsafe extern "C" fn set_sink_c(sink: Option<RawSink>, ctx: *const c_void) -> libc::c_int {
+    // SAFETY: forwarded contract.
+    unsafe { set_raw_sink(sink.map(|s| (s, ctx))) as libc::c_int }
+}
+
+/// Errors of [`install`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    /// A sink is already installed in this process (one [`Installation`] at a time).
+    #[error("an interposition sink is already installed; drop the first Installation")]
+    AlreadyInstalled,
+}
+
+/// An installed sink; dropping it uninstalls (waiting for running hooks) and releases the
+/// sink.
+#[must_use = "dropping the Installation uninstalls the hooks' sink"]
+pub struct Installation {
+    /// Keeps the sink alive while hooks may call it.
+    _keep: Arc<dyn std::any::Any + Send + Sync>,
+    preload: Option<PreloadSetter>,
+}
+
+type PreloadSetter = unsafe extern "C" fn(Option<RawSink>, *const c_void) -> libc::c_int;
+
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+unsafe extern "C" fn deliver_to<T: HookSink>(ctx: *const c_void, start: usize, len: usize) {
+    if let Ok(range) = Range::new(start, len) {
+        // SAFETY: `ctx` is `Arc::as_ptr` of an `Arc<T>` the Installation keeps alive
+        // until the slot is unpublished and quiescent.
+        unsafe { &*(ctx as *const T) }.invalidate_from_hook(range);
+    }
+}
+
+/// The preloaded library's `umm_interpose_set_sink`, if one is loaded (and is not this
+/// copy's own export).
+fn preload_setter() -> Option<PreloadSetter> {
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"umm_interpose_set_sink".as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the symbol is exported by `export_hooks!` with exactly this signature.
+    Some(unsafe { std::mem::transmute::<*mut c_void, PreloadSetter>(p) })
+}
+
+/// Connects the hooks (in-process and, when loaded, `libumm_preload.so`) to `sink`, e.g.
+/// an `Arc<umm::Manager>`. Resolves the real functions if no constructor did yet.
+pub fn install<T: HookSink>(sink: Arc<T>) -> Result<Installation, InstallError> {
+    if INSTALLED.swap(true, Ordering::AcqRel) {
+        return Err(InstallError::AlreadyInstalled);
+    }
+    real::resolve();
+    let ctx = Arc::as_ptr(&sink) as *const c_void;
+    let raw: RawSink = deliver_to::<T>;
+    // SAFETY: `deliver_to::<T>` may be called with `ctx` as long as `sink` lives; the
+    // Installation keeps it until it has unpublished the slot.
+    unsafe { set_raw_sink(Some((raw, ctx))) };
+    let preload = preload_setter();
+    if let Some(set) = preload {
+        // SAFETY: as above, for the preloaded copy.
+        unsafe { set(Some(raw), ctx) };
+        tracing::debug!("interposition sink installed (in-process and LD_PRELOAD)");
+    } else {
+        tracing::debug!("interposition sink installed (in-process only)");
+    }
+    Ok(Installation {
+        _keep: sink,
+        preload,
+    })
+}
+
+impl Drop for Installation {
+    fn drop(&mut self) {
+        if let Some(set) = self.preload {
+            // SAFETY: uninstalling; waits for the preloaded copy's hooks to quiesce.
+            unsafe { set(None, std::ptr::null()) };
+        }
+        // SAFETY: uninstalling; waits for this copy's hooks to quiesce.
+        unsafe { set_raw_sink(None) };
+        INSTALLED.store(false, Ordering::Release);
+    }
+}
+
+/// The interposition source as a [`umm::NotifierSource`], for the manager's list of
+/// sources. The hooks see every range, so `watch` and `unwatch` only count; delivery goes
+/// through the [`Installation`] it holds.
+pub struct InterposeSource {
+    _installation: Installation,
+    watches: AtomicUsize,
+}
+
+impl InterposeSource {
+    /// Installs `manager` as the hooks' sink and returns the source to add to it:
+    /// `manager.add_source(InterposeSource::install(&manager)?)`.
+    pub fn install(manager: &Arc<umm::Manager>) -> Result<Arc<InterposeSource>, InstallError> {
+        Ok(Arc::new(InterposeSource {
+            _installation: install(manager.clone())?,
+            watches: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Watches currently counted.
+    pub fn watches(&self) -> usize {
+        self.watches.load(Ordering::Relaxed)
+    }
+}
+
+impl umm::NotifierSource for InterposeSource {
+    fn name(&self) -> &str {
+        "interpose"
+    }
+
+    fn watch(
+        &self,
+        _cookie: u64,
+        _range: Range,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.watches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unwatch(&self, _cookie: u64, _range: Range) {
+        self.watches.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Defines the hook symbols (`munmap`, `mmap`, `mmap64`, `mremap`, `madvise`, `shmdt`,
+/// `brk`, `sbrk`), the `umm_interpose_set_sink` entry point and a load-time constructor
+/// that resolves the real functions, in the crate that invokes it: once in a binary for
+/// the in-process mode, or in a `cdylib` (that is `umm-preload`).
+///
+/// Invoke it at most once per linked artifact.
+#[macro_export]
+macro_rules! export_hooks {
+    () => {
+        /// Hook: see `umm_interpose::hooks::munmap`.
+        ///
+        /// # Safety
+        /// As `munmap(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn munmap(
+            addr: *mut $crate::__libc::c_void,
+            len: $crate::__libc::size_t,
+        ) -> $crate::__libc::c_int {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::munmap(addr, len) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::mmap`.
+        ///
+        /// # Safety
+        /// As `mmap(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn mmap(
+            addr: *mut $crate::__libc::c_void,
+            len: $crate::__libc::size_t,
+            prot: $crate::__libc::c_int,
+            flags: $crate::__libc::c_int,
+            fd: $crate::__libc::c_int,
+            off: $crate::__libc::off_t,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::mmap(addr, len, prot, flags, fd, off) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::mmap64`.
+        ///
+        /// # Safety
+        /// As `mmap(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn mmap64(
+            addr: *mut $crate::__libc::c_void,
+            len: $crate::__libc::size_t,
+            prot: $crate::__libc::c_int,
+            flags: $crate::__libc::c_int,
+            fd: $crate::__libc::c_int,
+            off: $crate::__libc::off64_t,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::mmap64(addr, len, prot, flags, fd, off) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::mremap` (variadic in C; see there).
+        ///
+        /// # Safety
+        /// As `mremap(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn mremap(
+            old: *mut $crate::__libc::c_void,
+            old_size: $crate::__libc::size_t,
+            new_size: $crate::__libc::size_t,
+            flags: $crate::__libc::c_int,
+            new_address: *mut $crate::__libc::c_void,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::mremap(old, old_size, new_size, flags, new_address) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::madvise`.
+        ///
+        /// # Safety
+        /// As `madvise(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn madvise(
+            addr: *mut $crate::__libc::c_void,
+            len: $crate::__libc::size_t,
+            advice: $crate::__libc::c_int,
+        ) -> $crate::__libc::c_int {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::madvise(addr, len, advice) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::shmdt`.
+        ///
+        /// # Safety
+        /// As `shmdt(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn shmdt(
+            addr: *const $crate::__libc::c_void,
+        ) -> $crate::__libc::c_int {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::shmdt(addr) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::brk`.
+        ///
+        /// # Safety
+        /// As `brk(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn brk(addr: *mut $crate::__libc::c_void) -> $crate::__libc::c_int {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::brk(addr) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::sbrk`.
+        ///
+        /// # Safety
+        /// As `sbrk(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn sbrk(
+            increment: $crate::__libc::intptr_t,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::sbrk(increment) }
+        }
+
+        /// Sets (or, with a null `sink`, clears) this artifact's hook sink; called by
+        /// `umm_interpose::install` of another copy of the crate.
+        ///
+        /// # Safety
+        /// As `umm_interpose::set_raw_sink`.
+        #[no_mangle]
+        pub unsafe extern "C" fn umm_interpose_set_sink(
+            sink: ::std::option::Option<$crate::RawSink>,
+            ctx: *const $crate::__libc::c_void,
+        ) -> $crate::__libc::c_int {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::set_sink_c(sink, ctx) }
+        }
+
+        #[used]
+        #[link_section = ".init_array"]
+        static UMM_INTERPOSE_RESOLVE: extern "C" fn() = {
+            extern "C" fn umm_interpose_resolve() {
+                $crate::real::resolve();
+            }
+            umm_interpose_resolve
+        };
+    };
+}
