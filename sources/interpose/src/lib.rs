@@ -200,6 +200,27 @@ pub enum InstallError {
     /// A sink is already installed in this process (one [`Installation`] at a time).
     #[error("an interposition sink is already installed; drop the first Installation")]
     AlreadyInstalled,
+    /// No hooks exist in this process: neither [`export_hooks!`] in the binary nor
+    /// `libumm_preload.so` preloaded. Installing would cover nothing.
+    #[error("no interposition hooks in this process (export_hooks!() in the binary, or LD_PRELOAD=libumm_preload.so)")]
+    NoHooks,
+}
+
+/// Set by the constructor [`export_hooks!`] emits into a binary or library that links
+/// this copy of the crate.
+static HOOKS_HERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Called by the constructor of [`export_hooks!`]; not for direct use.
+#[doc(hidden)]
+pub fn note_hooks_exported() {
+    HOOKS_HERE.store(true, Ordering::Release);
+    real::resolve();
+}
+
+/// Whether hooks exist in this process: exported by the artifact that links this copy
+/// ([`export_hooks!`]), or by a preloaded `libumm_preload.so`.
+pub fn hooks_present() -> bool {
+    HOOKS_HERE.load(Ordering::Acquire) || preload_setter().is_some()
 }
 
 /// An installed sink; dropping it uninstalls (waiting for running hooks) and releases the
@@ -283,8 +304,13 @@ pub struct InterposeSource {
 
 impl InterposeSource {
     /// Installs `manager` as the hooks' sink and returns the source to add to it:
-    /// `manager.add_source(InterposeSource::install(&manager)?)`.
+    /// `manager.add_source(InterposeSource::install(&manager)?)`. Fails with
+    /// [`InstallError::NoHooks`] when no hooks exist in this process (see
+    /// [`hooks_present`]).
     pub fn install(manager: &Arc<umm::Manager>) -> Result<Arc<InterposeSource>, InstallError> {
+        if !hooks_present() {
+            return Err(InstallError::NoHooks);
+        }
         Ok(Arc::new(InterposeSource {
             _installation: install(manager.clone())?,
             watches: AtomicUsize::new(0),
@@ -454,7 +480,7 @@ macro_rules! export_hooks {
         #[link_section = ".init_array"]
         static UMM_INTERPOSE_RESOLVE: extern "C" fn() = {
             extern "C" fn umm_interpose_resolve() {
-                $crate::real::resolve();
+                $crate::note_hooks_exported();
             }
             umm_interpose_resolve
         };
