@@ -696,12 +696,18 @@ impl Manager {
         let manager = self;
         manager.apply_pending(dev, locked.st());
         let hit_in_flight = locked.st().inflight.take().is_some_and(|(_, hit)| hit);
-        dev.registering.fetch_sub(1, Ordering::SeqCst);
-        let translation = result?;
-        if hit_in_flight {
-            self.undo_registration(dev, cookie, target, translation);
-            return Ok(None);
-        }
+        let translation = match result {
+            Ok(t) if !hit_in_flight => t,
+            Ok(t) => {
+                dev.registering.fetch_sub(1, Ordering::SeqCst);
+                self.undo_registration(dev, cookie, target, t);
+                return Ok(None);
+            }
+            Err(e) => {
+                dev.registering.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let st = locked.st();
         let entry = match st.free.pop() {
             Some(e) => e,
@@ -728,6 +734,9 @@ impl Manager {
         // The index is written last: hits may find the entry from here on.
         dev.index
             .insert(target.start(), target.end(), entry.0.as_ptr());
+        // Only now: an invalidator that sees no registration in flight sees the index
+        // entry (SeqCst RMW after the Release stores; `record` loads in the other order).
+        dev.registering.fetch_sub(1, Ordering::SeqCst);
         tracing::debug!(device = %dev.id, range = %target, "registered");
         self.enforce_limits(dev, st);
         Ok(Some(entry))
@@ -1053,10 +1062,11 @@ impl Manager {
         let mut any = false;
         for dev in self.each_device() {
             let concerned = match range {
+                // `registering` before the index: a registration that finished in
+                // between has published its index entry (see register_and_publish).
                 Some(r) => {
-                    dev.index.any_in(r.start(), r.end())
-                        || dev.registering.load(Ordering::SeqCst) > 0
-                        || !dev.releases.is_empty()
+                    dev.registering.load(Ordering::SeqCst) > 0
+                        || dev.index.any_in(r.start(), r.end())
                         || !dev.clean()
                 }
                 None => true,

@@ -221,6 +221,21 @@ fn invalidation_fans_out_to_every_device_exactly_once() {
 }
 
 #[test]
+fn deferred_invalidation_is_seen_by_the_next_pin() {
+    let arena = Arena::new(8);
+    let m = Manager::default();
+    let d = RecordingBackend::new("d");
+    let l = d.ledger();
+    let d = m.attach(d).unwrap();
+    let r = arena.pages(0, 2);
+    let first = m.pin(r, &[d.id()]).unwrap().translation(d).unwrap().id;
+    m.invalidate_deferred(arena.pages(1, 1));
+    let p = m.pin(r, &[d.id()]).unwrap();
+    assert_ne!(p.translation(d).unwrap().id, first);
+    assert_eq!((l.registrations(), l.deregistrations()), (2, 1));
+}
+
+#[test]
 fn pinned_stale_entry_is_deregistered_when_the_last_pin_drops() {
     let arena = Arena::new(8);
     let m = Manager::default();
