@@ -123,7 +123,7 @@ step "guest: kernel $kver, one boot"
 mkdir -p "$repo/.vm"
 t0=$(date +%s.%N)
 set +e
-"$repo/scripts/vm" --timeout "${UMM_KMOD_TIMEOUT:-480}" --mem 2048 \
+"$repo/scripts/vm" --timeout "${UMM_KMOD_TIMEOUT:-480}" --mem 2048 --keep "$CARGO_TARGET_DIR" \
     -- bash "$repo/scripts/test-kmod.sh" --in-guest "$tests_bin" "$latency_bin" | tee "$repo/.vm/test-kmod.log"
 rc=${PIPESTATUS[0]}
 set -e
