@@ -250,6 +250,9 @@ pub struct UffdSource {
     /// for the pages no other watch covers.
     watches: Mutex<BTreeMap<u64, Range>>,
     unwatchable: AtomicU64,
+    /// Serialises drains: a second drainer must not return (and let its cache hit proceed)
+    /// while the first still holds popped ranges it has not delivered yet.
+    drain_lock: Mutex<()>,
     reader: Mutex<Option<JoinHandle<()>>>,
     reader_id: ThreadId,
     pid: u32,
@@ -381,6 +384,7 @@ impl UffdSource {
             options,
             watches: Mutex::new(BTreeMap::new()),
             unwatchable: AtomicU64::new(0),
+            drain_lock: Mutex::new(()),
             reader_id: reader.thread().id(),
             reader: Mutex::new(Some(reader)),
             // SAFETY: getpid has no preconditions.
@@ -509,6 +513,7 @@ impl NotifierSource for UffdSource {
     }
 
     fn drain(&self, sink: &dyn InvalidationSink) {
+        let _one_at_a_time = self.drain_lock.lock();
         // Wait (bounded) until the reader recorded every event announced so far: the
         // causing syscall may have returned already, its range must be in the ring now.
         let target = self.shared.generation.load(Ordering::Acquire);

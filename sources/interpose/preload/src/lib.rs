@@ -10,6 +10,10 @@
 //! LD_PRELOAD=target/release/libumm_preload.so ./my-rdma-app
 //! ```
 //!
+//! Load it with `LD_PRELOAD`, not `dlopen`: a preloaded library's thread-local recursion
+//! flag lives in static TLS, while a `dlopen`ed one's is allocated lazily per thread by
+//! `__tls_get_addr` (which may call `malloc` on a thread's first hook).
+//!
 //! Before a manager is installed, and in processes that never install one, the hooks only
 //! pass the call on.
 
