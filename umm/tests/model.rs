@@ -180,12 +180,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Op::Flush => {
                     m.flush();
                     let stats = m.stats();
-                    for d in 0..2 {
-                        prop_assert_eq!(stats.devices[d].registered_bytes, ledgers[d].live_bytes());
-                        prop_assert_eq!(
-                            stats.devices[d].registered_entries as usize,
-                            ledgers[d].live().len()
-                        );
+                    for (dev, ledger) in stats.devices.iter().zip(&ledgers) {
+                        prop_assert_eq!(dev.registered_bytes, ledger.live_bytes());
+                        prop_assert_eq!(dev.registered_entries as usize, ledger.live().len());
                     }
                 }
             }
