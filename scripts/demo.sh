@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# scripts/demo.sh: the README's main demo. Builds demos/stale-dma, boots the guest once
+# (scripts/vm), sets up Soft-RoCE (scripts/rxe-setup.sh) and runs the seed's stale-DMA
+# scenario: a naive registration cache sends the unmapped file's bytes, umm (one row per
+# available notifier source) sends the new ones. Prints the side-by-side verdict; exits
+# with the demo's status (0: bug reproduced by the naive cache and fixed by umm).
+#
+# The cargo target directory must be visible in the guest: not under /tmp (tmpfs there).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+case "$target" in
+    /tmp/*) echo "scripts/demo.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs /tmp)" >&2; exit 2 ;;
+esac
+export CARGO_TARGET_DIR="$target"
+
+echo "building demos/stale-dma..." >&2
+cargo build -q -p stale-dma --bin stale-dma
+echo "booting the guest (qemu TCG) and setting up rxe0/rxe1..." >&2
+exec scripts/vm --timeout 300 -- sh -c \
+    "scripts/rxe-setup.sh >/dev/null && exec $(printf '%q' "$target/debug/stale-dma")"
