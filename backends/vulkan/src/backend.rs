@@ -15,10 +15,14 @@
 //! memory; dropping the backend waits for the device to go idle, frees every import the
 //! manager did not deregister (with a warning), then destroys the device and instance.
 //!
-//! **Overlap**: the extension places no restriction on importing the same or overlapping
-//! host pages more than once (the valid-usage rules of `VkImportMemoryHostPointerInfoEXT`
-//! only constrain alignment, size and handle type), and a real driver (NVIDIA, DESIGN
-//! section 5) accepts it, so [`Capabilities::allows_overlap`] is `true`.
+//! **Overlap**: the spec (`VkImportMemoryHostPointerInfoEXT`) lets an application import the
+//! same host payload several times, into several instances and several times into one,
+//! while allowing an implementation to fail repeated imports into one physical device for
+//! platform reasons; its valid-usage rules only constrain alignment, size, handle type and
+//! memory type. lavapipe and NVIDIA's driver (DESIGN section 5) accept overlapping and
+//! repeated imports, so [`Capabilities::allows_overlap`] is `true` by default. For a driver
+//! that refuses them, [`VulkanBackend::allow_overlap`]`(false)` makes the core merge and
+//! order registrations as it does for CUDA.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -352,6 +356,7 @@ pub struct VulkanBackend {
     /// Every live import (memory → buffer), so `Drop` frees what was not deregistered.
     live: Mutex<HashMap<vk::DeviceMemory, vk::Buffer>>,
     label: String,
+    allows_overlap: bool,
     pub(crate) ctx: Context,
 }
 
@@ -368,8 +373,17 @@ impl VulkanBackend {
             label: format!("vulkan:{}", ctx.name),
             kernels,
             live: Mutex::new(HashMap::new()),
+            allows_overlap: true,
             ctx,
         })
+    }
+
+    /// Whether the backend tells the core that overlapping imports are allowed (default
+    /// `true`, see the [module docs](self)); set `false` for a driver that refuses repeated
+    /// imports of the same pages. Call before attaching (capabilities are read at attach).
+    pub fn allow_overlap(mut self, allow: bool) -> Self {
+        self.allows_overlap = allow;
+        self
     }
 
     /// Every physical device the loader reports, with whether it can import host memory.
@@ -552,7 +566,7 @@ impl Backend for VulkanBackend {
             usize::try_from(self.ctx.max_allocation).unwrap_or(usize::MAX)
         };
         Capabilities {
-            allows_overlap: true,
+            allows_overlap: self.allows_overlap,
             alignment,
             max_registration: max & !(alignment - 1),
         }

@@ -11,8 +11,9 @@
 //! * Imports must start and end on `minImportedHostPointerAlignment`; the backend reports it
 //!   as its [`umm::Capabilities::alignment`] and rejects anything else itself, because
 //!   lavapipe accepts misaligned pointers that real drivers reject.
-//! * Overlapping imports are allowed by the extension (see [`backend`]), so
-//!   `allows_overlap = true`.
+//! * Repeated and overlapping imports are allowed by the extension (see [`backend`]), so
+//!   `allows_overlap = true`; [`VulkanBackend::allow_overlap`] turns it off for a driver
+//!   that refuses them.
 //! * Two compute kernels ([`VulkanBackend::fill_pattern`], [`VulkanBackend::checksum`],
 //!   WGSL compiled to SPIR-V at build time) use an import from the device.
 //!

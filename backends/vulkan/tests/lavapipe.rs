@@ -230,6 +230,92 @@ fn conformance_through_the_core() {
     common::conformance(&manager, dev, rec.id(), &|| backend.live_imports());
 }
 
+/// The same conformance with the backend declaring `allows_overlap = false`: the core's
+/// merge path for devices that refuse overlaps (CUDA) on a real device.
+#[test]
+fn conformance_through_the_core_refusing_overlap() {
+    let Some(vk) = vulkan("conformance_through_the_core_refusing_overlap") else {
+        return;
+    };
+    let manager = Manager::default();
+    let dev = manager.attach(vk.allow_overlap(false)).unwrap();
+    let rec = manager.attach(RecordingBackend::new("rec")).unwrap();
+    let backend = manager.backend(dev).unwrap();
+    common::conformance(&manager, dev, rec.id(), &|| backend.live_imports());
+}
+
+/// Refusing overlaps, adjacent and overlapping misses merge into one import, and the GPU
+/// writes through the merged import at the pin's offset.
+#[test]
+fn merged_import_is_usable_at_the_pins_offset() {
+    let Some(vk) = vulkan("merged_import_is_usable_at_the_pins_offset") else {
+        return;
+    };
+    let manager = Manager::default();
+    let dev = manager.attach(vk.allow_overlap(false)).unwrap();
+    let page = 4096;
+    let map = FileMapping::new("merge", 8 * page, 0x33);
+    let sub =
+        |first: usize, pages: usize| Range::new(map.addr() + first * page, pages * page).unwrap();
+    drop(manager.pin(sub(0, 2), &[dev.id()]).unwrap());
+    drop(manager.pin(sub(2, 2), &[dev.id()]).unwrap());
+    let pin = manager.pin(sub(3, 3), &[dev.id()]).unwrap();
+    assert!(pin.registered_range(dev).unwrap().contains(&sub(0, 6)));
+    let backend = manager.backend(dev).unwrap();
+    assert_eq!(backend.live_imports(), 1, "one merged import");
+    assert!(manager.stats().device(dev).unwrap().merges >= 2);
+    let (import, offset) = (pin.translation(dev).unwrap(), pin.offset(dev).unwrap());
+    // SAFETY: the mapping is live; no Rust reference to it during the call.
+    unsafe { backend.fill_pattern(import, offset as u64, 3 * page as u64, 4) }.unwrap();
+    let bytes = map.read();
+    assert_eq!(&bytes[3 * page..6 * page], &pattern_bytes(4, 3 * page)[..]);
+    assert!(bytes[..3 * page]
+        .iter()
+        .chain(&bytes[6 * page..])
+        .all(|&b| b == 0x33));
+}
+
+/// Refusing overlaps, the CUDA rule on a real device: F1 still pinned when F2 is mapped
+/// over it and the range invalidated, so the new pin waits `busy_timeout` and fails with
+/// `DeviceRangeBusy` naming the holder; once F1's pin drops, the new pin imports F2.
+#[test]
+fn refusing_overlap_a_pinned_stale_import_makes_the_new_pin_busy() {
+    let test = "refusing_overlap_a_pinned_stale_import_makes_the_new_pin_busy";
+    let Some(vk) = vulkan(test) else { return };
+    let manager = Manager::new(umm::Config {
+        busy_timeout: std::time::Duration::from_millis(50),
+        ..umm::Config::default()
+    });
+    let dev = manager.attach(vk.allow_overlap(false)).unwrap();
+    let len = 16 * 4096;
+    let mut f1 = FileMapping::new("F1", len, 0x11);
+    let range = f1.range();
+    let held = manager.pin(range, &[dev.id()]).unwrap();
+    let holder = held.registered_range(dev).unwrap();
+    let f2 = f1.map_over("F2", 0x22);
+    manager.invalidate(range);
+    match manager.pin(range, &[dev.id()]) {
+        Err(umm::Error::DeviceRangeBusy {
+            device, holder: h, ..
+        }) => {
+            assert_eq!((device, h), (dev.id(), holder));
+        }
+        Err(e) => panic!("expected DeviceRangeBusy, got {e}"),
+        Ok(_) => panic!("registered over a pinned stale import"),
+    }
+    drop(held);
+    let pin = manager.pin(range, &[dev.id()]).unwrap();
+    let backend = manager.backend(dev).unwrap();
+    assert_eq!(
+        backend.live_imports(),
+        1,
+        "the stale import was freed first"
+    );
+    // SAFETY: F2 is mapped at the range; the device only reads.
+    let sum = unsafe { backend.checksum(pin.translation(dev).unwrap(), 0, len as u64) }.unwrap();
+    assert_eq!(sum, Checksum::of_bytes(&f2.read()));
+}
+
 #[test]
 fn gpu_uses_a_pinned_sub_range_at_its_offset() {
     let Some(vk) = vulkan("gpu_uses_a_pinned_sub_range_at_its_offset") else {

@@ -27,7 +27,10 @@ impl Buffer {
             )
         };
         assert_ne!(p, libc::MAP_FAILED, "mmap {len} bytes");
-        Buffer { addr: p as usize, len }
+        Buffer {
+            addr: p as usize,
+            len,
+        }
     }
 
     pub fn range(&self) -> Range {
