@@ -1,0 +1,267 @@
+//! The shared workload and baselines of umm's benchmarks.
+//!
+//! The method is the one used for the UCX measurement in DESIGN.md section 3: `n`
+//! cached entries, each one page long and two pages apart, hit in a random order, each
+//! hit a get followed by a put (`Manager::pin` + drop). Baselines:
+//!
+//! * [`LinearCache`]: the seed's linear list of pinned buffers (walk the list for a
+//!   containing buffer, bump its count), single-threaded like the seed;
+//! * [`LockedBTreeCache`]: a `Mutex<BTreeMap>` keyed by start address, the obvious
+//!   thread-safe cache;
+//! * [`UcxCache`]: UCX's `ucs_rcache` through a small C shim (cache overhead only: its
+//!   registration callback does nothing, like umm's recording backend).
+//!
+//! ```
+//! let w = umm_benches::Workload::new(16);
+//! let (m, dev) = w.umm_manager();
+//! let p = m.pin(w.range(3), &[dev]).unwrap();
+//! assert!(p.is_valid());
+//! ```
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use parking_lot::Mutex;
+use umm::testing::RecordingBackend;
+use umm::{Config, DeviceId, Manager, Range};
+
+/// Page size of the workload.
+pub const PAGE: usize = 4096;
+
+/// `n` one-page ranges two pages apart inside a reserved (`PROT_NONE`) region, and a
+/// random order to visit them in.
+pub struct Workload {
+    base: usize,
+    map_len: usize,
+    n: usize,
+    order: Vec<u32>,
+}
+
+impl Workload {
+    /// Reserves address space for `n` entries and shuffles a visiting order.
+    pub fn new(n: usize) -> Workload {
+        let len = (2 * n + 2) * PAGE;
+        // SAFETY: reserves fresh address space (no memory is committed: PROT_NONE,
+        // MAP_NORESERVE); unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "reserving {len} bytes");
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let order = (0..4096.max(n))
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as u32
+            })
+            .collect();
+        Workload {
+            base: base as usize,
+            map_len: len,
+            n,
+            order,
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Entry `i`: one page at page `2 i + 1`.
+    pub fn range(&self, i: usize) -> Range {
+        Range::new(self.base + (2 * i + 1) * PAGE, PAGE).expect("inside the reservation")
+    }
+
+    /// A page that is not an entry (for misses).
+    pub fn gap(&self, i: usize) -> Range {
+        Range::new(self.base + (2 * i + 2) * PAGE, PAGE).expect("inside the reservation")
+    }
+
+    /// The `k`-th index of the random visiting order.
+    #[inline]
+    pub fn pick(&self, k: usize) -> usize {
+        self.order[k % self.order.len()] as usize
+    }
+
+    /// A manager with one recording device holding every entry of the workload.
+    pub fn umm_manager(&self) -> (Manager, DeviceId) {
+        let m = Manager::new(Config {
+            max_cached_entries: 4 * self.n + 16,
+            ..Config::default()
+        });
+        let dev = m
+            .attach(RecordingBackend::new("bench"))
+            .expect("attach")
+            .id();
+        for i in 0..self.n {
+            drop(m.pin(self.range(i), &[dev]).expect("populate"));
+        }
+        (m, dev)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the reservation made in new().
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
+    }
+}
+
+/// The seed's cache: a linear list of pinned buffers with reference counts.
+#[derive(Default)]
+pub struct LinearCache {
+    entries: RefCell<Vec<(usize, usize, u64)>>,
+}
+
+impl LinearCache {
+    /// A list holding every entry of `w`.
+    pub fn new(w: &Workload) -> Self {
+        let c = LinearCache::default();
+        for i in 0..w.len() {
+            let r = w.range(i);
+            c.entries.borrow_mut().push((r.start(), r.end(), 0));
+        }
+        c
+    }
+
+    /// Finds the buffer containing `r` (the seed's `msg_send` loop) and takes a
+    /// reference; returns its index.
+    #[inline]
+    pub fn get(&self, r: Range) -> Option<usize> {
+        let mut entries = self.entries.borrow_mut();
+        let i = entries
+            .iter()
+            .position(|&(s, e, _)| s <= r.start() && r.end() <= e)?;
+        entries[i].2 += 1;
+        Some(i)
+    }
+
+    /// Drops the reference taken by [`LinearCache::get`].
+    #[inline]
+    pub fn put(&self, i: usize) {
+        self.entries.borrow_mut()[i].2 -= 1;
+    }
+}
+
+/// A `Mutex<BTreeMap>` cache keyed by start address.
+#[derive(Default)]
+pub struct LockedBTreeCache {
+    map: Mutex<BTreeMap<usize, (usize, u64)>>,
+}
+
+impl LockedBTreeCache {
+    /// A map holding every entry of `w`.
+    pub fn new(w: &Workload) -> Self {
+        let c = LockedBTreeCache::default();
+        for i in 0..w.len() {
+            let r = w.range(i);
+            c.map.lock().insert(r.start(), (r.end(), 0));
+        }
+        c
+    }
+
+    /// Finds the entry containing `r` and takes a reference; returns its key.
+    #[inline]
+    pub fn get(&self, r: Range) -> Option<usize> {
+        let mut map = self.map.lock();
+        let (&start, v) = map.range_mut(..=r.start()).next_back()?;
+        if r.end() > v.0 {
+            return None;
+        }
+        v.1 += 1;
+        Some(start)
+    }
+
+    /// Drops the reference taken by [`LockedBTreeCache::get`].
+    #[inline]
+    pub fn put(&self, key: usize) {
+        if let Some(v) = self.map.lock().get_mut(&key) {
+            v.1 -= 1;
+        }
+    }
+}
+
+#[cfg(umm_has_ucx)]
+mod ucx {
+    use std::ffi::c_void;
+
+    extern "C" {
+        fn umm_ucx_create(max_regions: std::ffi::c_ulong) -> *mut c_void;
+        fn umm_ucx_get(rc: *mut c_void, addr: *mut c_void, len: usize) -> *mut c_void;
+        fn umm_ucx_put(rc: *mut c_void, region: *mut c_void);
+        fn umm_ucx_destroy(rc: *mut c_void);
+    }
+
+    /// A region held from [`UcxCache::get`] until [`UcxCache::put`].
+    pub struct UcxRegion(*mut c_void);
+
+    /// UCX's `ucs_rcache` with a do-nothing registration (cache overhead only).
+    pub struct UcxCache {
+        rc: *mut c_void,
+    }
+
+    // SAFETY: ucs_rcache is thread-safe (its page table is protected by its own lock).
+    unsafe impl Send for UcxCache {}
+    // SAFETY: as above.
+    unsafe impl Sync for UcxCache {}
+
+    impl UcxCache {
+        /// A cache holding every entry of `w`, or `None` if UCX refused to create one.
+        pub fn new(w: &super::Workload) -> Option<UcxCache> {
+            // SAFETY: plain constructor call of the shim.
+            let rc = unsafe { umm_ucx_create(u32::MAX as _) };
+            if rc.is_null() {
+                return None;
+            }
+            let c = UcxCache { rc };
+            for i in 0..w.len() {
+                let region = c.get(w.range(i))?;
+                c.put(region);
+            }
+            Some(c)
+        }
+
+        /// `ucs_rcache_get`: finds or registers the region containing `r`.
+        #[inline]
+        pub fn get(&self, r: umm::Range) -> Option<UcxRegion> {
+            // SAFETY: rc is a live cache; the shim only records the address range.
+            let region = unsafe { umm_ucx_get(self.rc, r.start() as *mut c_void, r.len()) };
+            (!region.is_null()).then_some(UcxRegion(region))
+        }
+
+        /// `ucs_rcache_region_put`.
+        #[inline]
+        pub fn put(&self, region: UcxRegion) {
+            // SAFETY: region came from get() on this cache and is consumed here, so it is
+            // put once.
+            unsafe { umm_ucx_put(self.rc, region.0) }
+        }
+    }
+
+    impl Drop for UcxCache {
+        fn drop(&mut self) {
+            // SAFETY: destroys the cache created in new(); no region is held.
+            unsafe { umm_ucx_destroy(self.rc) }
+        }
+    }
+}
+
+#[cfg(umm_has_ucx)]
+pub use ucx::UcxCache;
+
+/// Whether the UCX comparison was built (UCX headers were found).
+pub const HAS_UCX: bool = cfg!(umm_has_ucx);
