@@ -4,6 +4,8 @@
 //! `cargo run -p umm-benches --release --bin compare` prints the same numbers side by
 //! side with UCX's `ucs_rcache` and the ratios.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
