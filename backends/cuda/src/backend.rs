@@ -190,7 +190,12 @@ impl CudaBackend {
 
     /// Like [`CudaBackend::new`] with explicit `cuMemHostRegister` flags.
     pub fn with_flags(ordinal: usize, flags: HostRegisterFlags) -> Result<Self, CudaError> {
-        let count = device_count()?;
+        let count = match device_count() {
+            Err(CudaError::NoDevice { count, .. }) => {
+                return Err(CudaError::NoDevice { ordinal, count })
+            }
+            other => other?,
+        };
         if ordinal >= count {
             return Err(CudaError::NoDevice { ordinal, count });
         }
