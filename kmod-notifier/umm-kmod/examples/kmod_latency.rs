@@ -78,6 +78,25 @@ fn main() {
     let page = umm::page_size();
     let dev = Arc::new(NotifyDevice::open().expect("open /dev/umm_notify"));
 
+    // The miss path's extra cost: one WATCH before registering, one UNWATCH after.
+    let base = map(n);
+    let (mut w, mut u) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let t = Instant::now();
+        dev.watch(100 + i as u64, (base + i * page) as u64, page as u64)
+            .expect("watch");
+        w.push(t.elapsed().as_nanos() as u64);
+    }
+    for i in 0..n {
+        let t = Instant::now();
+        dev.unwatch(100 + i as u64).expect("unwatch");
+        u.push(t.elapsed().as_nanos() as u64);
+    }
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(base as *mut _, n * page) };
+    report("WATCH ioctl (n watches growing)", w);
+    report("UNWATCH ioctl", u);
+
     report("munmap of one page, no watch", munmap_durations(n, None));
     report(
         "munmap of one watched page",
