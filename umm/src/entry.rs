@@ -22,15 +22,25 @@
 //! which re-sums under the lock: whoever sees zero last reclaims, exactly once, because the
 //! `INVALID → FREE` transition happens under the lock.
 //!
-//! # Memory
+//! # Memory and layout
 //!
 //! Entries are type-stable: a device owns every entry it ever allocated until the manager
-//! is dropped and recycles freed ones, so a reader that loaded a pointer from the index
-//! just before the entry was freed dereferences valid memory. It then validates (state and
-//! range after taking its reference) instead of relying on the pointer being current.
+//! is dropped and recycles freed ones, so a reader that loaded a reference from the index
+//! just before the entry was freed reads valid memory. It then validates (state and
+//! range after taking its reference) instead of relying on the reference being current.
+//!
+//! Entries live in 4 KiB-aligned [`Chunk`]s of [`CHUNK`] entries, laid out by field, not by
+//! entry: what a hit reads (state and range, 24 bytes) is packed with its neighbours, each
+//! reference-count stripe is an array of its own (a thread only ever writes its stripe's
+//! array, so threads do not share written lines), and what hits never touch (the
+//! translation, the writer's bookkeeping) is kept apart. A hit touches two small, dense
+//! lines instead of two lines of a 320-byte entry: measured, this took a random hit over
+//! 10^5 entries from ~100 ns to the tens. An [`EntryRef`] packs the chunk address and the
+//! slot into one word, which is what the radix index stores.
 
 use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::backend::ErasedTranslation;
 use crate::range::Range;
@@ -41,6 +51,10 @@ pub(crate) const STRIPES: usize = 4;
 pub(crate) const REF_BITS: u32 = 24;
 const REF_MASK: u64 = (1 << REF_BITS) - 1;
 const HIT_ONE: u64 = 1 << REF_BITS;
+/// Entries per chunk; a slot number fits in the low bits of the 4 KiB-aligned chunk
+/// address next to the index's tag bit.
+pub(crate) const CHUNK: usize = 512;
+const SLOT_SHIFT: u32 = 1;
 
 /// Not in use: on the device's free list.
 pub(crate) const FREE: u32 = 0;
@@ -51,12 +65,21 @@ pub(crate) const INVALID: u32 = 2;
 /// Transient, under the writer lock: being evicted or merged if nobody holds it.
 pub(crate) const KILLING: u32 = 3;
 
-#[repr(align(64))]
-struct Stripe(AtomicU64);
+/// What a hit reads.
+struct Header {
+    /// `FREE`, `LIVE`, `INVALID` or `KILLING`; written under the writer lock only.
+    state: AtomicU32,
+    /// CLOCK bit (0/1): set by hits (only when clear, so a hot entry's line stays shared),
+    /// cleared by the evictor's sweep.
+    referenced: AtomicU32,
+    /// Registered range, readable without the lock once `state == LIVE` was seen.
+    start: AtomicUsize,
+    end: AtomicUsize,
+}
 
 /// State only the holder of the device's writer lock touches.
 pub(crate) struct WriterSide {
-    /// The registered range (the lock-free copy is `start`/`end`).
+    /// The registered range (the lock-free copy is in the header).
     pub range: Range,
     /// Unique per registration; the cookie given to notifier sources.
     pub id: u64,
@@ -66,51 +89,111 @@ pub(crate) struct WriterSide {
     pub stale: bool,
 }
 
-/// See the [module docs](self).
 #[repr(align(64))]
-pub(crate) struct Entry {
-    stripes: [Stripe; STRIPES],
-    /// `FREE`, `LIVE`, `INVALID` or `KILLING`; written under the writer lock only.
-    state: AtomicU32,
-    /// CLOCK bit: set by hits (only when clear, so a hot entry's line stays shared),
-    /// cleared by the evictor's sweep.
-    referenced: AtomicBool,
-    /// Registered range, readable without the lock once `state == LIVE` was seen.
-    start: AtomicUsize,
-    end: AtomicUsize,
+struct StripeArray([AtomicU64; CHUNK]);
+
+/// [`CHUNK`] entries, by field (see the module docs).
+#[repr(align(4096))]
+pub(crate) struct Chunk {
+    headers: [Header; CHUNK],
+    stripes: [StripeArray; STRIPES],
     /// Written only while the entry is `FREE` and unreferenced (publication) or being
     /// reclaimed with no references left; read through a [`crate::Pin`] that holds a
     /// reference taken while `LIVE`.
-    translation: UnsafeCell<Option<ErasedTranslation>>,
+    translations: [UnsafeCell<Option<ErasedTranslation>>; CHUNK],
     /// Guarded by the device's writer lock.
-    writer: UnsafeCell<WriterSide>,
+    writers: [UnsafeCell<WriterSide>; CHUNK],
 }
 
-// SAFETY: every field is an atomic except `translation` and `writer`. `writer` is only
-// accessed by the holder of the owning device's writer lock. `translation` is written only
-// when no reader can read it (see its field doc and the module docs: readers hold a
+// SAFETY: every field is atomic except `translations` and `writers`. `writers` are only
+// accessed by the holder of the owning device's writer lock. A translation is written only
+// when no reader can read it (see the field doc and the module docs: readers hold a
 // reference taken while LIVE, and writes happen before publication or after the last
-// reference is gone), and the translation itself is `Send + Sync`.
-unsafe impl Sync for Entry {}
-// SAFETY: as above; moving an entry between threads moves only `Send` data.
-unsafe impl Send for Entry {}
+// reference is gone), and translations are `Send + Sync`.
+unsafe impl Sync for Chunk {}
+// SAFETY: as above; moving a chunk between threads moves only `Send` data.
+unsafe impl Send for Chunk {}
 
-impl Entry {
-    pub(crate) fn new() -> Box<Entry> {
-        Box::new(Entry {
-            stripes: std::array::from_fn(|_| Stripe(AtomicU64::new(0))),
-            state: AtomicU32::new(FREE),
-            referenced: AtomicBool::new(false),
-            start: AtomicUsize::new(0),
-            end: AtomicUsize::new(0),
-            translation: UnsafeCell::new(None),
-            writer: UnsafeCell::new(WriterSide {
-                range: Range::new(0, 1).expect("static range"),
-                id: 0,
-                lru_seq: 0,
-                stale: false,
+impl Chunk {
+    pub(crate) fn new() -> Box<Chunk> {
+        let placeholder = Range::new(0, 1).expect("static range");
+        Box::new(Chunk {
+            headers: std::array::from_fn(|_| Header {
+                state: AtomicU32::new(FREE),
+                referenced: AtomicU32::new(0),
+                start: AtomicUsize::new(0),
+                end: AtomicUsize::new(0),
+            }),
+            stripes: std::array::from_fn(|_| {
+                StripeArray(std::array::from_fn(|_| AtomicU64::new(0)))
+            }),
+            translations: std::array::from_fn(|_| UnsafeCell::new(None)),
+            writers: std::array::from_fn(|_| {
+                UnsafeCell::new(WriterSide {
+                    range: placeholder,
+                    id: 0,
+                    lru_seq: 0,
+                    stale: false,
+                })
             }),
         })
+    }
+
+    /// References to every entry of the chunk.
+    pub(crate) fn entries(&self) -> impl DoubleEndedIterator<Item = EntryRef> + '_ {
+        (0..CHUNK).map(move |slot| EntryRef::new(self, slot))
+    }
+}
+
+/// One entry: its chunk and slot, packed in one word (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct EntryRef(NonNull<Chunk>, usize);
+
+// SAFETY: an EntryRef points into a chunk owned by a device, which outlives every use of
+// the reference (chunks are freed only when the device is dropped); Chunk is Sync.
+unsafe impl Send for EntryRef {}
+// SAFETY: as above.
+unsafe impl Sync for EntryRef {}
+
+impl EntryRef {
+    pub(crate) fn new(chunk: &Chunk, slot: usize) -> EntryRef {
+        debug_assert!(slot < CHUNK);
+        EntryRef(NonNull::from(chunk), slot)
+    }
+
+    /// The word the index stores: chunk address | slot << 1 (bit 0 stays clear).
+    pub(crate) fn to_raw(self) -> usize {
+        self.0.as_ptr() as usize | (self.1 << SLOT_SHIFT)
+    }
+
+    /// Inverse of [`EntryRef::to_raw`].
+    ///
+    /// # Safety
+    /// `raw` came from `to_raw` of an entry whose chunk is still owned by its device.
+    #[inline]
+    pub(crate) unsafe fn from_raw(raw: usize) -> EntryRef {
+        let chunk = (raw & !(std::mem::align_of::<Chunk>() - 1)) as *mut Chunk;
+        // SAFETY: non-null: it came from a chunk reference (caller's contract).
+        EntryRef(
+            unsafe { NonNull::new_unchecked(chunk) },
+            (raw >> SLOT_SHIFT) & (CHUNK - 1),
+        )
+    }
+
+    #[inline]
+    fn chunk(&self) -> &Chunk {
+        // SAFETY: chunks outlive every EntryRef (see the Send impl).
+        unsafe { self.0.as_ref() }
+    }
+
+    #[inline]
+    fn header(&self) -> &Header {
+        &self.chunk().headers[self.1]
+    }
+
+    #[inline]
+    fn stripe(&self, stripe: usize) -> &AtomicU64 {
+        &self.chunk().stripes[stripe].0[self.1]
     }
 
     /// Takes a reference if the entry is `LIVE` and covers `want`; counts a hit when `hit`.
@@ -119,15 +202,16 @@ impl Entry {
     #[inline]
     pub(crate) fn try_acquire(&self, stripe: usize, want: &Range, hit: bool) -> Result<(), bool> {
         let inc = if hit { HIT_ONE | 1 } else { 1 };
+        let h = self.header();
         // SeqCst: pairs with the killer's SeqCst state store + stripe loads (module docs).
-        self.stripes[stripe].0.fetch_add(inc, Ordering::SeqCst);
+        self.stripe(stripe).fetch_add(inc, Ordering::SeqCst);
         // SeqCst load also acquires the range stores published before `LIVE`.
-        if self.state.load(Ordering::SeqCst) == LIVE
-            && self.start.load(Ordering::Relaxed) <= want.start()
-            && want.end() <= self.end.load(Ordering::Relaxed)
+        if h.state.load(Ordering::SeqCst) == LIVE
+            && h.start.load(Ordering::Relaxed) <= want.start()
+            && want.end() <= h.end.load(Ordering::Relaxed)
         {
-            if hit && !self.referenced.load(Ordering::Relaxed) {
-                self.referenced.store(true, Ordering::Relaxed);
+            if hit && h.referenced.load(Ordering::Relaxed) == 0 {
+                h.referenced.store(1, Ordering::Relaxed);
             }
             return Ok(());
         }
@@ -143,33 +227,31 @@ impl Entry {
 
     #[inline]
     fn release_counted(&self, stripe: usize, dec: u64) -> bool {
-        self.stripes[stripe].0.fetch_sub(dec, Ordering::SeqCst);
-        self.state.load(Ordering::SeqCst) != LIVE
+        self.stripe(stripe).fetch_sub(dec, Ordering::SeqCst);
+        self.header().state.load(Ordering::SeqCst) != LIVE
     }
 
     /// Sum of references over all stripes. Exact once the state is not `LIVE` (module docs).
     pub(crate) fn refs(&self) -> u64 {
-        self.stripes
-            .iter()
-            .map(|s| s.0.load(Ordering::SeqCst) & REF_MASK)
+        (0..STRIPES)
+            .map(|s| self.stripe(s).load(Ordering::SeqCst) & REF_MASK)
             .sum()
     }
 
-    /// Hits counted on this entry since it was allocated.
+    /// Hits counted on this entry since its chunk was allocated.
     pub(crate) fn hits(&self) -> u64 {
-        self.stripes
-            .iter()
-            .map(|s| s.0.load(Ordering::Relaxed) >> REF_BITS)
+        (0..STRIPES)
+            .map(|s| self.stripe(s).load(Ordering::Relaxed) >> REF_BITS)
             .sum()
     }
 
     pub(crate) fn state(&self) -> u32 {
-        self.state.load(Ordering::SeqCst)
+        self.header().state.load(Ordering::SeqCst)
     }
 
     /// Sets the state; the caller holds the device's writer lock.
     pub(crate) fn set_state(&self, state: u32) {
-        self.state.store(state, Ordering::SeqCst);
+        self.header().state.store(state, Ordering::SeqCst);
     }
 
     /// Tries `LIVE → KILLING → (no references)`; on `false` the entry is `LIVE` again.
@@ -186,14 +268,14 @@ impl Entry {
 
     /// Reads and clears the CLOCK bit.
     pub(crate) fn take_referenced(&self) -> bool {
-        self.referenced.swap(false, Ordering::Relaxed)
+        self.header().referenced.swap(0, Ordering::Relaxed) != 0
     }
 
     /// Publishes a fresh registration in a `FREE` entry and takes one reference on
     /// `stripe` for the caller. The caller holds the writer lock.
     ///
     /// # Safety
-    /// The entry must be `FREE` with no reference held, so no reader reads `translation`.
+    /// The entry must be `FREE` with no reference held, so no reader reads its translation.
     pub(crate) unsafe fn publish(
         &self,
         range: Range,
@@ -202,18 +284,19 @@ impl Entry {
         stripe: usize,
     ) {
         debug_assert_eq!(self.state(), FREE);
-        // SAFETY: caller guarantees no reader; writer lock serialises writers.
+        // SAFETY: caller guarantees no reader; the writer lock serialises writers.
         unsafe {
-            *self.translation.get() = Some(translation);
-            let w = &mut *self.writer.get();
+            *self.chunk().translations[self.1].get() = Some(translation);
+            let w = self.writer();
             w.range = range;
             w.id = id;
             w.stale = false;
         }
-        self.start.store(range.start(), Ordering::Relaxed);
-        self.end.store(range.end(), Ordering::Relaxed);
-        self.referenced.store(false, Ordering::Relaxed);
-        self.stripes[stripe].0.fetch_add(1, Ordering::SeqCst);
+        let h = self.header();
+        h.start.store(range.start(), Ordering::Relaxed);
+        h.end.store(range.end(), Ordering::Relaxed);
+        h.referenced.store(0, Ordering::Relaxed);
+        self.stripe(stripe).fetch_add(1, Ordering::SeqCst);
         // Release (SeqCst): readers that see LIVE see the range and translation.
         self.set_state(LIVE);
     }
@@ -225,7 +308,7 @@ impl Entry {
     pub(crate) unsafe fn retire(&self) -> Option<ErasedTranslation> {
         self.set_state(FREE);
         // SAFETY: no reference is held, so no Pin reads the translation (caller's contract).
-        unsafe { (*self.translation.get()).take() }
+        unsafe { (*self.chunk().translations[self.1].get()).take() }
     }
 
     /// The translation, for a [`crate::Pin`] that holds a reference.
@@ -234,13 +317,14 @@ impl Entry {
     /// The caller holds a reference taken while the entry was `LIVE`.
     pub(crate) unsafe fn translation(&self) -> Option<&ErasedTranslation> {
         // SAFETY: no writer runs while a reference is held (caller's contract).
-        unsafe { (*self.translation.get()).as_ref() }
+        unsafe { (*self.chunk().translations[self.1].get()).as_ref() }
     }
 
     /// The registered range, for a holder of a reference (lock-free copy).
     pub(crate) fn range_unlocked(&self) -> Range {
-        let start = self.start.load(Ordering::Relaxed);
-        let end = self.end.load(Ordering::Relaxed);
+        let h = self.header();
+        let start = h.start.load(Ordering::Relaxed);
+        let end = h.end.load(Ordering::Relaxed);
         Range::from_bounds(start, end).unwrap_or(Range::new(start, 1).expect("nonzero"))
     }
 
@@ -251,7 +335,7 @@ impl Entry {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn writer(&self) -> &mut WriterSide {
         // SAFETY: exclusive by the writer lock (caller's contract).
-        unsafe { &mut *self.writer.get() }
+        unsafe { &mut *self.chunk().writers[self.1].get() }
     }
 }
 

@@ -31,8 +31,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::entry::Entry;
-
 const FANOUT_BITS: u32 = 9;
 const FANOUT: usize = 1 << FANOUT_BITS;
 const LEVELS: u32 = 4;
@@ -79,12 +77,13 @@ impl RadixIndex {
         }
     }
 
-    /// The entry the tree holds for the page of `addr`, if any. Lock-free, allocation-free.
+    /// The entry word (an `EntryRef::to_raw`) the tree holds for the page of `addr`, or 0.
+    /// Lock-free, allocation-free.
     #[inline]
-    pub(crate) fn lookup(&self, addr: usize) -> *const Entry {
+    pub(crate) fn lookup(&self, addr: usize) -> usize {
         let page = (addr >> PAGE_BITS) as u64;
         if page >= PAGE_LIMIT {
-            return std::ptr::null();
+            return 0;
         }
         let mut node: &Node = &self.root;
         let mut level = LEVELS - 1;
@@ -93,10 +92,10 @@ impl RadixIndex {
             // Acquire: pairs with the Release publication of child nodes and entries.
             let v = node.slots[idx].load(Ordering::Acquire);
             if v & ENTRY_TAG != 0 {
-                return (v & !ENTRY_TAG) as *const Entry;
+                return v & !ENTRY_TAG;
             }
             if v == 0 || level == 0 {
-                return std::ptr::null();
+                return 0;
             }
             // SAFETY: a non-zero untagged slot above level 0 is a child node published with
             // Release; nodes are freed only when the whole index is dropped.
@@ -134,20 +133,20 @@ impl RadixIndex {
 
     /// Points every page of `[start, end)` at `entry` (the newest entry wins).
     /// Caller holds the writer lock.
-    pub(crate) fn insert(&self, start: usize, end: usize, entry: *const Entry) {
-        let tagged = entry as usize | ENTRY_TAG;
+    pub(crate) fn insert(&self, start: usize, end: usize, entry: usize) {
+        let tagged = entry | ENTRY_TAG;
         self.update(start, end, &|_| Some(tagged));
     }
 
     /// Clears the pages of `[start, end)` that point at `entry`. Caller holds the lock.
-    pub(crate) fn remove(&self, start: usize, end: usize, entry: *const Entry) {
-        let tagged = entry as usize | ENTRY_TAG;
+    pub(crate) fn remove(&self, start: usize, end: usize, entry: usize) {
+        let tagged = entry | ENTRY_TAG;
         self.update(start, end, &|cur| (cur == tagged).then_some(0));
     }
 
     /// Points the empty pages of `[start, end)` at `entry`. Caller holds the lock.
-    pub(crate) fn fill_empty(&self, start: usize, end: usize, entry: *const Entry) {
-        let tagged = entry as usize | ENTRY_TAG;
+    pub(crate) fn fill_empty(&self, start: usize, end: usize, entry: usize) {
+        let tagged = entry | ENTRY_TAG;
         self.update(start, end, &|cur| (cur == 0).then_some(tagged));
     }
 
@@ -226,8 +225,8 @@ impl Drop for RadixIndex {
 mod tests {
     use super::*;
 
-    fn fake(n: usize) -> *const Entry {
-        (n * 64) as *const Entry
+    fn fake(n: usize) -> usize {
+        n * 64
     }
 
     #[test]
@@ -237,7 +236,7 @@ mod tests {
         ix.insert(big.0, big.1, fake(1));
         assert_eq!(ix.lookup(big.0 + 12345), fake(1));
         assert_eq!(ix.lookup(big.1 - 1), fake(1));
-        assert!(ix.lookup(big.1).is_null());
+        assert!(ix.lookup(big.1) == 0);
         // A small newer entry inside splits the upper slot; the rest still finds the big one.
         ix.insert(big.0 + 0x5000, big.0 + 0x7000, fake(2));
         assert_eq!(ix.lookup(big.0 + 0x5000), fake(2));
@@ -247,14 +246,14 @@ mod tests {
         assert_eq!(ix.lookup(big.0 + (5 << 20)), fake(1));
         // Removing the small one leaves holes that fill_empty restores.
         ix.remove(big.0 + 0x5000, big.0 + 0x7000, fake(2));
-        assert!(ix.lookup(big.0 + 0x5000).is_null());
+        assert!(ix.lookup(big.0 + 0x5000) == 0);
         ix.fill_empty(big.0, big.1, fake(1));
         assert_eq!(ix.lookup(big.0 + 0x5000), fake(1));
         // remove only clears slots of that entry.
         ix.remove(big.0, big.1, fake(3));
         assert_eq!(ix.lookup(big.0), fake(1));
         ix.remove(big.0, big.1, fake(1));
-        assert!(ix.lookup(big.0).is_null() && ix.lookup(big.0 + 0x5000).is_null());
+        assert!(ix.lookup(big.0) == 0 && ix.lookup(big.0 + 0x5000) == 0);
         assert!(!ix.any_in(big.0, big.1));
     }
 
@@ -268,6 +267,6 @@ mod tests {
         assert!(!ix.any_in(0, 0x10000));
         // Beyond the covered address space: never found, never panics.
         ix.insert(usize::MAX - 0xfff, usize::MAX, fake(9));
-        assert!(ix.lookup(usize::MAX - 5).is_null());
+        assert!(ix.lookup(usize::MAX - 5) == 0);
     }
 }

@@ -53,7 +53,6 @@
 //! holder; it never returns the stale translation.
 
 use std::collections::BTreeMap;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -64,7 +63,7 @@ use smallvec::SmallVec;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, Capabilities, ErasedBackend};
 use crate::device::{Device, DeviceId};
-use crate::entry::{thread_stripe, Entry, INVALID, LIVE};
+use crate::entry::{thread_stripe, Chunk, EntryRef, INVALID, LIVE};
 use crate::error::{memlock_limit, Error, Result};
 use crate::index::RadixIndex;
 use crate::range::{page_size, Range};
@@ -117,40 +116,24 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct EntryPtr(NonNull<Entry>);
-
-// SAFETY: an EntryPtr points into a device's entry pool, which outlives every use of the
-// pointer (the pool is freed only when the device is dropped); Entry is Sync.
-unsafe impl Send for EntryPtr {}
-// SAFETY: as above.
-unsafe impl Sync for EntryPtr {}
-
-impl EntryPtr {
-    fn get(&self) -> &Entry {
-        // SAFETY: see the Send impl: entries outlive every EntryPtr.
-        unsafe { self.0.as_ref() }
-    }
-}
-
 /// What only the device's writer lock holder touches.
 struct DeviceState {
-    /// Every entry ever allocated; freed with the device. Boxed: entries must not move
-    /// (the index and pins point at them).
+    /// Every chunk of entries ever allocated; freed with the device. Boxed: entries must
+    /// not move (the index and pins point at them).
     #[allow(clippy::vec_box)]
-    pool: Vec<Box<Entry>>,
-    free: Vec<EntryPtr>,
+    chunks: Vec<Box<Chunk>>,
+    free: Vec<EntryRef>,
     /// Live entries by (start, id).
-    live: BTreeMap<(usize, u64), EntryPtr>,
+    live: BTreeMap<(usize, u64), EntryRef>,
     /// Longest live entry ever: bounds the backward scan for overlaps.
     max_len: usize,
     /// Live entries in LRU order (CLOCK: hits set a bit, the sweep gives a second chance).
-    lru: BTreeMap<u64, EntryPtr>,
+    lru: BTreeMap<u64, EntryRef>,
     lru_next: u64,
     /// Invalidated (or merged away) entries still referenced by pins.
-    stale: BTreeMap<u64, EntryPtr>,
+    stale: BTreeMap<u64, EntryRef>,
     /// Entries with no reference left, waiting for their deregistration.
-    doomed: Vec<EntryPtr>,
+    doomed: Vec<EntryRef>,
     registered_bytes: u64,
     registered_entries: u64,
     /// An in-flight registration and whether an applied invalidation overlapped it.
@@ -182,7 +165,7 @@ struct DeviceSlot {
     registering: AtomicUsize,
     pending: ArrayQueue<Range>,
     pending_all: AtomicBool,
-    releases: ArrayQueue<EntryPtr>,
+    releases: ArrayQueue<EntryRef>,
     state: Mutex<DeviceState>,
     /// Signalled when entries are deregistered (busy waits of no-overlap devices).
     released: Condvar,
@@ -259,7 +242,7 @@ impl std::fmt::Debug for Manager {
 /// One device reference held by a pin.
 struct Hold {
     device: u32,
-    entry: EntryPtr,
+    entry: EntryRef,
 }
 
 /// Exclusive access to a device's writer side; on drop it unlocks and then keeps applying
@@ -358,7 +341,7 @@ impl Manager {
             pending_all: AtomicBool::new(false),
             releases: ArrayQueue::new(RELEASE_CAPACITY),
             state: Mutex::new(DeviceState {
-                pool: Vec::new(),
+                chunks: Vec::new(),
                 free: Vec::new(),
                 live: BTreeMap::new(),
                 max_len: 0,
@@ -480,13 +463,18 @@ impl Manager {
     }
 
     #[inline]
-    fn try_hit(&self, dev: &DeviceSlot, range: &Range, stripe: usize) -> Option<EntryPtr> {
+    fn try_hit(&self, dev: &DeviceSlot, range: &Range, stripe: usize) -> Option<EntryRef> {
         if !dev.clean() {
             return None;
         }
-        let entry = NonNull::new(dev.index.lookup(range.start()) as *mut Entry)?;
-        let entry = EntryPtr(entry);
-        match entry.get().try_acquire(stripe, range, true) {
+        let raw = dev.index.lookup(range.start());
+        if raw == 0 {
+            return None;
+        }
+        // SAFETY: the index only holds words made by EntryRef::to_raw of this device's
+        // chunks, which live as long as the device.
+        let entry = unsafe { EntryRef::from_raw(raw) };
+        match entry.try_acquire(stripe, range, true) {
             Ok(()) => Some(entry),
             Err(slow) => {
                 if slow {
@@ -516,7 +504,7 @@ impl Manager {
     }
 
     /// The locked path of a pin on one device: slow hit, or registration.
-    fn pin_slow(&self, dev: &DeviceSlot, range: &Range, stripe: usize) -> Result<EntryPtr> {
+    fn pin_slow(&self, dev: &DeviceSlot, range: &Range, stripe: usize) -> Result<EntryRef> {
         let want = range.align_out(dev.caps.alignment)?;
         if want.len() > dev.caps.max_registration {
             return Err(Error::TooLarge {
@@ -528,7 +516,7 @@ impl Manager {
         let mut locked = self.lock(dev, true);
         locked.settle();
         if let Some(e) = Self::find_containing(locked.st(), range) {
-            if e.get().try_acquire(stripe, range, true).is_ok() {
+            if e.try_acquire(stripe, range, true).is_ok() {
                 return Ok(e);
             }
         }
@@ -565,7 +553,7 @@ impl Manager {
 
     /// A live entry containing `range`, searching every live entry that starts at or
     /// before it (the index only knows the newest entry of each page).
-    fn find_containing(st: &DeviceState, range: &Range) -> Option<EntryPtr> {
+    fn find_containing(st: &DeviceState, range: &Range) -> Option<EntryRef> {
         let lo = range.start().saturating_sub(st.max_len);
         st.live
             .range((lo, 0)..=(range.start(), u64::MAX))
@@ -573,19 +561,19 @@ impl Manager {
             .map(|(_, e)| *e)
             .find(|e| {
                 // SAFETY: writer lock held.
-                unsafe { e.get().writer() }.range.contains(range)
+                unsafe { e.writer() }.range.contains(range)
             })
     }
 
     /// Live entries overlapping (or, with `touching`, adjacent to) `range`.
-    fn live_overlapping(st: &DeviceState, range: &Range, touching: bool) -> Vec<EntryPtr> {
+    fn live_overlapping(st: &DeviceState, range: &Range, touching: bool) -> Vec<EntryRef> {
         let lo = range.start().saturating_sub(st.max_len);
         st.live
             .range((lo, 0)..=(range.end(), u64::MAX))
             .map(|(_, e)| *e)
             .filter(|e| {
                 // SAFETY: writer lock held.
-                let r = unsafe { e.get().writer() }.range;
+                let r = unsafe { e.writer() }.range;
                 if touching {
                     r.overlaps_or_touches(range)
                 } else {
@@ -610,7 +598,7 @@ impl Manager {
                 .values()
                 .map(|e| {
                     // SAFETY: writer lock held.
-                    unsafe { e.get().writer() }.range
+                    unsafe { e.writer() }.range
                 })
                 .find(|r| r.overlaps(&want));
             let mut target = want;
@@ -619,8 +607,8 @@ impl Manager {
             if stale_holder.is_none() {
                 for e in Self::live_overlapping(st, &want, true) {
                     // SAFETY: writer lock held.
-                    let r = unsafe { e.get().writer() }.range;
-                    if e.get().try_kill() {
+                    let r = unsafe { e.writer() }.range;
+                    if e.try_kill() {
                         victims.push(e);
                         target = target.union(&r);
                     } else if r.overlaps(&want) {
@@ -638,7 +626,7 @@ impl Manager {
                 // An old neighbour is no longer mapped (no source told us yet): do not
                 // merge it; it will fail or be invalidated on its own.
                 for e in victims.drain(..) {
-                    e.get().set_state(LIVE);
+                    e.set_state(LIVE);
                 }
                 target = want;
                 if Self::live_overlapping(locked.st(), &want, false).is_empty() {
@@ -659,7 +647,7 @@ impl Manager {
                 }
                 Some(holder) => {
                     for e in victims {
-                        e.get().set_state(LIVE); // not merged after all
+                        e.set_state(LIVE); // not merged after all
                     }
                     let waited = start.elapsed();
                     if waited >= self.config.busy_timeout {
@@ -685,7 +673,7 @@ impl Manager {
         locked: &mut Locked<'_>,
         target: Range,
         stripe: usize,
-    ) -> Result<Option<EntryPtr>> {
+    ) -> Result<Option<EntryRef>> {
         let dev = locked.dev;
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         dev.registering.fetch_add(1, Ordering::SeqCst);
@@ -709,22 +697,19 @@ impl Manager {
             }
         };
         let st = locked.st();
-        let entry = match st.free.pop() {
-            Some(e) => e,
-            None => {
-                let b = Entry::new();
-                let e = EntryPtr(NonNull::from(&*b));
-                st.pool.push(b);
-                e
-            }
-        };
+        if st.free.is_empty() {
+            let chunk = Chunk::new();
+            st.free.extend(chunk.entries().rev());
+            st.chunks.push(chunk);
+        }
+        let entry = st.free.pop().expect("refilled above");
         // SAFETY: the entry is FREE and unreferenced (fresh, or retired with refs == 0);
         // writer lock held.
-        unsafe { entry.get().publish(target, cookie, translation, stripe) };
+        unsafe { entry.publish(target, cookie, translation, stripe) };
         let seq = st.lru_next;
         st.lru_next += 1;
         // SAFETY: writer lock held.
-        unsafe { entry.get().writer() }.lru_seq = seq;
+        unsafe { entry.writer() }.lru_seq = seq;
         st.lru.insert(seq, entry);
         st.live.insert((target.start(), cookie), entry);
         st.max_len = st.max_len.max(target.len());
@@ -733,7 +718,7 @@ impl Manager {
         dev.counters.registrations.fetch_add(1, Ordering::Relaxed);
         // The index is written last: hits may find the entry from here on.
         dev.index
-            .insert(target.start(), target.end(), entry.0.as_ptr());
+            .insert(target.start(), target.end(), entry.to_raw());
         // Only now: an invalidator that sees no registration in flight sees the index
         // entry (SeqCst RMW after the Release stores; `record` loads in the other order).
         dev.registering.fetch_sub(1, Ordering::SeqCst);
@@ -823,21 +808,21 @@ impl Manager {
 
     /// Removes a killed or invalidated entry from the live set, the LRU and the index, and
     /// re-exposes the live entries it shadowed in the index.
-    fn unlink_live(&self, dev: &DeviceSlot, st: &mut DeviceState, e: EntryPtr) {
+    fn unlink_live(&self, dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
         // SAFETY: writer lock held.
-        let w = unsafe { e.get().writer() };
+        let w = unsafe { e.writer() };
         let (range, id, seq) = (w.range, w.id, w.lru_seq);
         st.live.remove(&(range.start(), id));
         st.lru.remove(&seq);
         let index = &dev.index;
-        index.remove(range.start(), range.end(), e.0.as_ptr());
+        index.remove(range.start(), range.end(), e.to_raw());
         for other in Self::live_overlapping(st, &range, false) {
             // SAFETY: writer lock held.
-            let r = unsafe { other.get().writer() }.range;
+            let r = unsafe { other.writer() }.range;
             index.fill_empty(
                 r.start().max(range.start()),
                 r.end().min(range.end()),
-                other.0.as_ptr(),
+                other.to_raw(),
             );
         }
     }
@@ -867,21 +852,21 @@ impl Manager {
                 *hit = true;
             }
         }
-        let victims: Vec<EntryPtr> = match range {
+        let victims: Vec<EntryRef> = match range {
             Some(r) => Self::live_overlapping(st, &r, false),
             None => st.live.values().copied().collect(),
         };
         for e in victims {
-            e.get().set_state(INVALID);
+            e.set_state(INVALID);
             self.unlink_live(dev, st, e);
             dev.counters
                 .invalidated_entries
                 .fetch_add(1, Ordering::Relaxed);
-            if e.get().refs() == 0 {
+            if e.refs() == 0 {
                 st.doomed.push(e);
             } else {
                 // SAFETY: writer lock held.
-                let w = unsafe { e.get().writer() };
+                let w = unsafe { e.writer() };
                 w.stale = true;
                 st.stale.insert(w.id, e);
             }
@@ -889,12 +874,12 @@ impl Manager {
     }
 
     /// Moves an invalid entry whose last reference is gone to the doomed list (once).
-    fn reclaim_if_unreferenced(st: &mut DeviceState, e: EntryPtr) {
-        if e.get().state() != INVALID || e.get().refs() != 0 {
+    fn reclaim_if_unreferenced(st: &mut DeviceState, e: EntryRef) {
+        if e.state() != INVALID || e.refs() != 0 {
             return;
         }
         // SAFETY: writer lock held.
-        let w = unsafe { e.get().writer() };
+        let w = unsafe { e.writer() };
         if w.stale {
             w.stale = false;
             st.stale.remove(&w.id);
@@ -911,12 +896,12 @@ impl Manager {
         for e in std::mem::take(&mut st.doomed) {
             let (range, id) = {
                 // SAFETY: writer lock held.
-                let w = unsafe { e.get().writer() };
+                let w = unsafe { e.writer() };
                 (w.range, w.id)
             };
             // SAFETY: writer lock held, entry not LIVE (INVALID or KILLING) and unreferenced
             // (checked when it was doomed; a doomed entry is unreachable for new hits).
-            if let Some(t) = unsafe { e.get().retire() } {
+            if let Some(t) = unsafe { e.retire() } {
                 self.deregister(dev, range, t);
             }
             for s in &sources {
@@ -947,16 +932,16 @@ impl Manager {
                 break;
             };
             st.lru.remove(&seq);
-            if e.get().take_referenced() || !e.get().try_kill() {
+            if e.take_referenced() || !e.try_kill() {
                 let seq = st.lru_next;
                 st.lru_next += 1;
                 // SAFETY: writer lock held.
-                unsafe { e.get().writer() }.lru_seq = seq;
+                unsafe { e.writer() }.lru_seq = seq;
                 st.lru.insert(seq, e);
                 continue;
             }
             // SAFETY: writer lock held.
-            unsafe { e.get().writer() }.lru_seq = seq;
+            unsafe { e.writer() }.lru_seq = seq;
             st.lru.insert(seq, e); // unlink_live removes it by its seq
             self.unlink_live(dev, st, e);
             dev.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -968,10 +953,10 @@ impl Manager {
 
     /// Evicts every unreferenced live entry of `dev`; returns how many.
     fn evict_all_unreferenced(&self, dev: &DeviceSlot, st: &mut DeviceState) -> usize {
-        let candidates: Vec<EntryPtr> = st.live.values().copied().collect();
+        let candidates: Vec<EntryRef> = st.live.values().copied().collect();
         let mut n = 0;
         for e in candidates {
-            if e.get().try_kill() {
+            if e.try_kill() {
                 self.unlink_live(dev, st, e);
                 dev.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 st.doomed.push(e);
@@ -1123,7 +1108,7 @@ impl Manager {
 
     /// The slow release path of an entry that was not `LIVE` when a reference dropped.
     #[cold]
-    fn slow_release(&self, dev: &DeviceSlot, e: EntryPtr) {
+    fn slow_release(&self, dev: &DeviceSlot, e: EntryRef) {
         match self.try_lock(dev, true) {
             Some(mut locked) => Self::reclaim_if_unreferenced(locked.st(), e),
             None => {
@@ -1142,7 +1127,12 @@ impl Manager {
             .map(|dev| {
                 let st = dev.state.lock();
                 // Stripes are never reset, so the pool's sum counts recycled entries too.
-                let hits: u64 = st.pool.iter().map(|e| e.hits()).sum();
+                let hits: u64 = st
+                    .chunks
+                    .iter()
+                    .flat_map(|c| c.entries())
+                    .map(|e| e.hits())
+                    .sum();
                 let c = &dev.counters;
                 DeviceStats {
                     id: Some(dev.id),
@@ -1200,12 +1190,12 @@ impl Drop for Manager {
         for dev in self.each_device() {
             let mut st = dev.state.lock();
             self.apply_pending(dev, &mut st);
-            let mut all: Vec<EntryPtr> = st.live.values().copied().collect();
+            let mut all: Vec<EntryRef> = st.live.values().copied().collect();
             all.extend(st.stale.values().copied());
             for e in all {
-                e.get().set_state(INVALID);
+                e.set_state(INVALID);
                 // SAFETY: writer lock held.
-                unsafe { e.get().writer() }.stale = false;
+                unsafe { e.writer() }.stale = false;
                 st.doomed.push(e);
             }
             st.live.clear();
@@ -1284,14 +1274,13 @@ impl<'m> Pin<'m> {
         }
         let hold = self.hold(device.id)?;
         // SAFETY: this pin holds a reference taken while the entry was LIVE.
-        let t = unsafe { hold.entry.get().translation() }?;
+        let t = unsafe { hold.entry.translation() }?;
         t.downcast_ref::<B::Translation>()
     }
 
     /// The range the device registered for this pin (rounded out, possibly merged).
     pub fn registered_range(&self, device: impl Into<DeviceId>) -> Option<Range> {
-        self.hold(device.into())
-            .map(|h| h.entry.get().range_unlocked())
+        self.hold(device.into()).map(|h| h.entry.range_unlocked())
     }
 
     /// Offset of the pin's first byte inside the device's registered range.
@@ -1311,7 +1300,7 @@ impl<'m> Pin<'m> {
             if !dev.clean() {
                 drop(self.manager.lock(dev, false));
             }
-            h.entry.get().state() == LIVE
+            h.entry.state() == LIVE
         })
     }
 }
@@ -1320,7 +1309,7 @@ impl Drop for Pin<'_> {
     fn drop(&mut self) {
         let stripe = self.stripe as usize;
         for h in &self.holds {
-            if h.entry.get().release(stripe) {
+            if h.entry.release(stripe) {
                 if let Ok(dev) = self.manager.device(DeviceId(h.device)) {
                     self.manager.slow_release(dev, h.entry);
                 }
