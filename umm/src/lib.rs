@@ -51,6 +51,11 @@ pub mod source;
 pub mod stats;
 pub mod testing;
 
+/// The README's example, compiled and run as a doc test so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use backend::{Backend, BackendError, BackendErrorKind, Capabilities};
 pub use device::{Device, DeviceId};
 pub use error::{memlock_limit, Error, Result};
