@@ -8,6 +8,9 @@
 # (scripts/rxe-setup.sh), runs every test binary with --test-threads=1 and the demo, and
 # prints a summary line `N passed, N failed`. Exits non-zero if anything failed (a test
 # that SKIPs inside the guest counts as failed: rxe was set up, so a skip is a bug).
+# It also builds kmod-notifier (as scripts/test-kmod.sh does) and loads it in the guest, so
+# the stale-DMA test runs with every notifier source: manual, userfaultfd, kernel module,
+# interposition (each must run; the kernel module only if it built).
 # --numbers also builds and runs the measurement program (release) in the same boot:
 # ibv_reg_mr+ibv_dereg_mr cost vs size, a umm hit, and the RDMA WRITE round trip.
 #
@@ -29,6 +32,18 @@ if [ "${1:-}" = "--in-guest" ]; then
         echo "0 passed, 1 failed"
         exit 1
     fi
+    # The stale-DMA test must run every notifier source available here; the kernel module
+    # only when it was built on the host and loads.
+    require="manual,userfaultfd,interposition"
+    if [ -f kmod-notifier/umm_notify.ko ] && ! grep -q umm_notify /proc/modules; then
+        if insmod kmod-notifier/umm_notify.ko; then
+            require="$require,kernel module"
+        else
+            echo "!!! insmod kmod-notifier/umm_notify.ko failed: the kernel-module row is skipped"
+        fi
+    fi
+    export UMM_STALE_DMA_REQUIRE="$require"
+    echo "stale-DMA sources required: $require"
     while read -r kind bin; do
         [ -n "$bin" ] || continue
         name="$(basename "$bin")"
@@ -88,6 +103,18 @@ trap 'rm -rf "$out"' EXIT
 list="$out/binaries"
 
 t0=$(date +%s)
+# The kernel module for the stale-DMA demo's kernel-module row (scripts/test-kmod.sh's build
+# step, for the kernel scripts/vm boots). Optional here: without it that row is skipped.
+kver="${UMM_VM_KERNEL:-$(for d in /lib/modules/*/; do
+    v="$(basename "$d")"
+    [ -f "/boot/vmlinuz-$v" ] && [ -d "$d/build" ] && echo "$v"
+done | sort -V | tail -n 1)}"
+if [ -n "$kver" ] && [ -f kmod-notifier/Makefile ]; then
+    echo "building kmod-notifier for $kver..."
+    make -s -C kmod-notifier KVER="$kver" 2>&1 | grep -v "Skipping BTF generation" || true
+    if [ -f kmod-notifier/umm_notify.ko ]; then export UMM_VM_KERNEL="$kver"; fi
+fi
+[ -f kmod-notifier/umm_notify.ko ] || echo "warning: kmod-notifier not built: the stale-DMA kernel-module row will be skipped" >&2
 echo "building the RDMA tests (target $target)..."
 cargo build -p stale-dma --bins
 # Test harnesses only (they live in deps/), not examples or binaries.

@@ -259,23 +259,22 @@ impl RcQp {
         let deadline = Instant::now() + self.timeout;
         let mut spins = 0u32;
         loop {
-            if let Ok(poller) = self.cq.start_poll() {
-                for wc in poller {
-                    let status = wc.status();
-                    if status != WorkCompletionStatus::Success as u32 || wc.wr_id() != wr_id {
-                        return Err(RdmaError::WorkCompletion {
-                            device: self.device.name().to_string(),
-                            op,
-                            wr_id: wc.wr_id(),
-                            status: format!(
-                                "completed with {:?} (vendor error {:#x})",
-                                WorkCompletionStatus::from(status),
-                                wc.vendor_err()
-                            ),
-                        });
-                    }
-                    return Ok(());
+            // One work request is outstanding at a time, so the first completion is ours.
+            if let Some(wc) = self.cq.start_poll().ok().and_then(|mut p| p.next()) {
+                let status = wc.status();
+                if status != WorkCompletionStatus::Success as u32 || wc.wr_id() != wr_id {
+                    return Err(RdmaError::WorkCompletion {
+                        device: self.device.name().to_string(),
+                        op,
+                        wr_id: wc.wr_id(),
+                        status: format!(
+                            "completed with {:?} (vendor error {:#x})",
+                            WorkCompletionStatus::from(status),
+                            wc.vendor_err()
+                        ),
+                    });
                 }
+                return Ok(());
             }
             spins += 1;
             if spins % 1024 == 0 {

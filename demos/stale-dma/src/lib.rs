@@ -152,20 +152,64 @@ pub fn peer_veth_rx_bytes() -> Option<u64> {
 pub struct Notifier {
     /// Its name in the verdict table.
     pub name: &'static str,
-    /// Adds the source to the manager; returns what must stay alive while it watches.
-    /// `Err(reason)` means the source is not usable here (the entry is skipped with it).
-    pub setup: fn(&Manager) -> Result<Box<dyn Any>, String>,
+    /// Connects the source to the manager; returns what must stay alive while it watches
+    /// (dropped after the manager's last use). `Err(reason)` means the source is not usable
+    /// here (the entry is skipped with the reason).
+    pub setup: fn(&Arc<Manager>) -> Result<Box<dyn Any>, String>,
     /// Whether the application itself reports the unmap ([`Manager::invalidate`]).
     pub manual: bool,
 }
 
-/// Every notifier source this build can use, in table order.
+/// Every notifier source this build knows, in table order: manual, userfaultfd (`umm-uffd`),
+/// kernel module (`umm-kmod`, needs `umm_notify.ko` loaded), interposition
+/// (`umm-interpose`, needs the hooks linked into the binary with
+/// `umm_interpose::export_hooks!()`, as the `stale-dma` binary and test do).
 pub fn notifiers() -> Vec<Notifier> {
-    vec![Notifier {
-        name: "manual",
-        setup: |_| Ok(Box::new(())),
-        manual: true,
-    }]
+    vec![
+        Notifier {
+            name: "manual",
+            setup: |_| Ok(Box::new(())),
+            manual: true,
+        },
+        Notifier {
+            name: "userfaultfd",
+            setup: |manager| {
+                let source = umm_uffd::UffdSource::new(umm_uffd::Options::default())
+                    .map_err(|e| e.to_string())?;
+                manager
+                    .add_source(source.clone())
+                    .map_err(|e| e.to_string())?;
+                Ok(Box::new(source))
+            },
+            manual: false,
+        },
+        Notifier {
+            name: "kernel module",
+            setup: |manager| {
+                let source =
+                    Arc::new(umm_kmod::KmodSource::open().map_err(|e| {
+                        format!("{e} (load it: insmod kmod-notifier/umm_notify.ko)")
+                    })?);
+                manager
+                    .add_source(source.clone())
+                    .map_err(|e| e.to_string())?;
+                Ok(Box::new(source))
+            },
+            manual: false,
+        },
+        Notifier {
+            name: "interposition",
+            setup: |manager| {
+                // Not added with add_source: its watch/unwatch only count, delivery goes
+                // through the hooks' sink, and the source holds an Arc of the manager (adding
+                // it would make a cycle that never drops the manager or the hooks' sink).
+                let source =
+                    umm_interpose::InterposeSource::install(manager).map_err(|e| e.to_string())?;
+                Ok(Box::new(source))
+            },
+            manual: false,
+        },
+    ]
 }
 
 /// Which cache P uses.
@@ -203,7 +247,8 @@ pub struct Outcome {
     pub addr: usize,
     /// For umm: (invalidations, registrations, deregistrations) from its stats right after
     /// the second send: expected (1, 2, 1): the unmap invalidated the entry, whose MR was
-    /// deregistered, and the second send registered afresh.
+    /// deregistered, and the second send registered afresh. The interposition source shows
+    /// 2 invalidations: its munmap hook and its mmap(MAP_FIXED) hook both report the range.
     pub stats: Option<(u64, u64, u64)>,
 }
 
@@ -243,7 +288,14 @@ impl TempFile {
     fn new(tag: &str) -> Result<TempFile, DemoError> {
         let label = format!("{tag}: the bytes of file {tag} | ");
         let bytes: Vec<u8> = label.bytes().cycle().take(LEN).collect();
-        let dir = std::env::temp_dir();
+        // tmpfs (shmem) files: userfaultfd can watch shared mappings of those, not of
+        // regular disk files.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
         let path = dir.join(format!("stale-dma-{}-{tag}", std::process::id()));
         std::fs::write(&path, &bytes).map_err(|e| DemoError::Os {
             what: format!("writing {}", path.display()),
@@ -358,7 +410,7 @@ pub fn run(rig: &Rig, mode: &Mode<'_>) -> Result<Outcome, DemoError> {
             })
         }
         Mode::Umm(notifier) => {
-            let manager = Manager::default();
+            let manager = Arc::new(Manager::default());
             let keep = (notifier.setup)(&manager).map_err(|reason| DemoError::Source {
                 name: notifier.name,
                 reason,
@@ -387,8 +439,9 @@ pub fn run(rig: &Rig, mode: &Mode<'_>) -> Result<Outcome, DemoError> {
             if notifier.manual {
                 manager.invalidate(range);
             }
-            drop(manager);
+            manager.flush();
             drop(keep);
+            drop(manager);
             Ok(Outcome {
                 label: mode.label(),
                 first,
@@ -420,12 +473,11 @@ pub fn verdict_table(outcomes: &[Outcome]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<32} | {:<28} | {:<28} | {:<27} | {}",
+        "{:<32} | {:<28} | {:<28} | {:<27} | verdict",
         "cache",
         "peer got, 1st send (F1 at B)",
         "peer got, 2nd send (F2 at B)",
         "umm stats (inval/reg/dereg)",
-        "verdict"
     );
     let _ = writeln!(t, "{}", "-".repeat(150));
     for o in outcomes {

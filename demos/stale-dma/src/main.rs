@@ -3,6 +3,9 @@
 //! Exit status: 0 when the naive cache shows the bug and every umm run is correct, 1 when
 //! not, 2 when Soft-RoCE is missing (run it through scripts/demo.sh).
 
+// The interposition source's hooks (munmap, mmap(MAP_FIXED), ...) for this binary's code.
+umm_interpose::export_hooks!();
+
 use stale_dma::{notifiers, run, verdict_table, DemoError, Mode, Rig, LEN};
 
 fn main() {
@@ -38,7 +41,7 @@ fn main() {
     for n in notifiers() {
         match run(&rig, &Mode::Umm(&n)) {
             Ok(o) => {
-                ok &= o.correct() && o.stats == Some((1, 2, 1));
+                ok &= o.correct() && matches!(o.stats, Some((1..=2, 2, 1)));
                 outcomes.push(o);
             }
             Err(e @ DemoError::Source { .. }) => println!("(skipped umm + {}: {e})", n.name),
