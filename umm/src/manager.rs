@@ -2,7 +2,7 @@
 //!
 //! # Structure
 //!
-//! Every attached device has its own cache: a lock-free [radix index](crate::index) for
+//! Every attached device has its own cache: a lock-free radix index (`umm/src/index.rs`) for
 //! hits, and behind a writer lock (`parking_lot::Mutex`, one per device, never global) the
 //! authoritative set of live entries, the LRU, the list of stale-but-pinned entries and
 //! the entries waiting for deregistration. A [`Pin`] of several devices holds one entry
