@@ -372,7 +372,9 @@ fn spec(id: &str) -> Result<&'static ColumnSpec, String> {
 /// delays <column> <n>        n munmaps of 64 KiB: DELAYS n p50 p99 p50call p99call byreturn missed
 /// seed <column>              the seed scenario through a manager: SEED ok ...
 /// stress <column>            deadlock checks through a manager: STRESS ok ...
-/// table                      runs every cell in children, prints the markdown matrix
+/// table [--guest FILE]       runs every cell in children, prints the markdown matrix
+///                            (with FILE, a guest-matrix.sh result, appended)
+/// check                      runs every available cell, compares with table::EXPECTED
 /// ```
 pub fn main_with(args: &[String]) -> i32 {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -399,8 +401,18 @@ pub fn main_with(args: &[String]) -> i32 {
         })(),
         ["seed", col] => spec(col).and_then(seed),
         ["stress", col] => spec(col).and_then(stress),
-        ["table"] => crate::table::generate(&crate::harness::Bins::locate(), Duration::from_secs(60)),
-        _ => Err("usage: cell <column> <scenario> | delays <column> <n> | seed <column> | stress <column> | table".into()),
+        ["table"] => crate::table::generate(&crate::harness::Bins::locate(), Duration::from_secs(120)),
+        ["table", "--guest", file] => crate::table::generate(&crate::harness::Bins::locate(), Duration::from_secs(120))
+            .and_then(|host| {
+                let guest = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+                Ok(crate::table::with_guest(host, &guest))
+            }),
+        ["check"] => match crate::table::check(&crate::harness::Bins::locate(), Duration::from_secs(120)) {
+            Ok((wrong, ran)) if wrong.is_empty() => Ok(format!("CHECK ok {ran} cells as expected")),
+            Ok((wrong, _)) => Err(format!("coverage regressions:\n{}", wrong.join("\n"))),
+            Err(e) => Err(e),
+        },
+        _ => Err("usage: cell <column> <scenario> | delays <column> <n> | seed <column> | stress <column> | table | check".into()),
     };
     match result {
         Ok(line) => {

@@ -23,9 +23,9 @@
 //! constructor of a [`Column`] trait object. [`NotifierColumn`] turns any
 //! [`umm::NotifierSource`] into a column (watch through the trait, events through the
 //! generation counter and `drain`), so the kernel module's source becomes a column with
-//! one constructor; run in the qemu guest, the same binary fills it in
-//! (`umm-coverage-scenario cell <column> <scenario>`). On the host it is listed as
-//! "not run on the host".
+//! one constructor (`make_kmod`). `guest-matrix.sh` builds the module and runs the same
+//! scenario binary in the qemu guest, where `/dev/umm_notify` exists and the column runs;
+//! on the host it is listed as "not run on the host".
 //!
 //! ## Example: one cell, in this process
 //!
@@ -142,8 +142,9 @@ pub struct ColumnSpec {
     pub binary: Binary,
     /// Whether `libumm_preload.so` is preloaded into the child.
     pub preload: bool,
-    /// Whether the host runs it (the kernel module runs only in the guest).
-    pub on_host: bool,
+    /// Whether it can run on this machine (the kernel module's device exists only in the
+    /// qemu guest); checked in the parent before spawning a child.
+    pub available: fn() -> bool,
     /// Whether it is a column of the matrix (else only used by the stress runs).
     pub in_matrix: bool,
     /// Builds the column (child side).
@@ -158,7 +159,7 @@ pub fn columns() -> &'static [ColumnSpec] {
             title: "userfaultfd",
             binary: Binary::Plain,
             preload: false,
-            on_host: true,
+            available: || true,
             in_matrix: true,
             make: || Box::new(NotifierColumn::new("uffd", make_uffd)),
         },
@@ -167,7 +168,7 @@ pub fn columns() -> &'static [ColumnSpec] {
             title: "interposition, in-process",
             binary: Binary::InProcess,
             preload: false,
-            on_host: true,
+            available: || true,
             in_matrix: true,
             make: || Box::new(InterposeColumn::default()),
         },
@@ -176,7 +177,7 @@ pub fn columns() -> &'static [ColumnSpec] {
             title: "interposition, LD_PRELOAD",
             binary: Binary::Plain,
             preload: true,
-            on_host: true,
+            available: || true,
             in_matrix: true,
             make: || Box::new(InterposeColumn::default()),
         },
@@ -185,7 +186,7 @@ pub fn columns() -> &'static [ColumnSpec] {
             title: "interposition, in-process + LD_PRELOAD stacked",
             binary: Binary::InProcess,
             preload: true,
-            on_host: true,
+            available: || true,
             in_matrix: false,
             make: || Box::new(InterposeColumn::default()),
         },
@@ -194,11 +195,9 @@ pub fn columns() -> &'static [ColumnSpec] {
             title: "kernel module",
             binary: Binary::Plain,
             preload: false,
-            on_host: false,
+            available: umm_kmod::NotifyDevice::is_available,
             in_matrix: true,
-            make: || {
-                Box::new(Unavailable("kmod", "the kernel module runs only in the qemu guest; its column is not integrated yet"))
-            },
+            make: || Box::new(NotifierColumn::new("kmod", make_kmod)),
         },
     ]
 }
@@ -211,30 +210,14 @@ fn make_uffd(eager: Option<Weak<dyn InvalidationSink>>) -> Result<Arc<dyn Notifi
     Ok(s)
 }
 
-/// A column that cannot run here.
-struct Unavailable(&'static str, &'static str);
-
-impl Column for Unavailable {
-    fn start(&mut self, _probe: Arc<Probe>) -> Result<(), CoverageError> {
-        Err(CoverageError::Unavailable {
-            column: self.0,
-            reason: self.1.into(),
-        })
-    }
-    fn watch(&self, _range: Range) -> Result<(), String> {
-        Err(self.1.into())
-    }
-    fn unwatch(&self, _range: Range) {}
-    fn recorded_since(&self, _mark: u64) -> bool {
-        false
-    }
-    fn mark(&self) -> u64 {
-        0
-    }
-    fn settle(&self) {}
-    fn attach(&mut self, _manager: &Arc<umm::Manager>) -> Result<(), CoverageError> {
-        self.start(Probe::new())
-    }
+/// The kernel module's source (`/dev/umm_notify`; the module is loaded only in the qemu
+/// guest). It delivers through its generation counter and `drain`, so it has no use for
+/// an eager sink.
+fn make_kmod(
+    _eager: Option<Weak<dyn InvalidationSink>>,
+) -> Result<Arc<dyn NotifierSource>, String> {
+    let s = umm_kmod::KmodSource::open().map_err(|e| e.to_string())?;
+    Ok(Arc::new(s))
 }
 
 /// Builds a source; the optional sink is for sources that can call one from their event

@@ -33,29 +33,30 @@ impl Expect {
 
 use Expect::{Caught as C, Missed as M, Unwatchable as U};
 
-/// The expected matrix on the host: (scenario, [userfaultfd, in-process hooks, LD_PRELOAD
-/// hooks]). A change in what a source catches fails `tests/matrix.rs`.
-pub const EXPECTED: &[(&str, [Expect; 3])] = &[
-    ("munmap_whole", [C, C, C]),
-    ("munmap_part", [C, C, C]),
-    ("mremap_move", [C, C, C]),
-    ("mremap_shrink", [C, C, C]),
-    ("map_fixed_over", [C, C, C]),
-    ("madv_dontneed", [C, C, C]),
+/// The expected matrix: (scenario, [userfaultfd, in-process hooks, LD_PRELOAD hooks,
+/// kernel module]). A change in what a source catches fails `tests/matrix.rs` (host
+/// columns) and `umm-coverage-scenario check` (every available column, e.g. in the guest).
+pub const EXPECTED: &[(&str, [Expect; 4])] = &[
+    ("munmap_whole", [C, C, C, C]),
+    ("munmap_part", [C, C, C, C]),
+    ("mremap_move", [C, C, C, C]),
+    ("mremap_shrink", [C, C, C, C]),
+    ("map_fixed_over", [C, C, C, C]),
+    ("madv_dontneed", [C, C, C, C]),
     // glibc's free() calls its internal __munmap: no interposed symbol sees it.
-    ("free_large_malloc", [C, M, M]),
-    ("brk_shrink", [C, C, C]),
+    ("free_large_malloc", [C, M, M, C]),
+    ("brk_shrink", [C, C, C, C]),
     // SysV shm cannot be registered with userfaultfd (EINVAL).
-    ("shmdt", [U, C, C]),
+    ("shmdt", [U, C, C, C]),
     // Nothing is unmapped: the parent's pages are replaced by copies. Only an MMU
     // notifier sees it (and pinned pages are copied to the child at fork instead).
-    ("fork_cow_break", [M, M, M]),
+    ("fork_cow_break", [M, M, M, C]),
     // A raw system call bypasses every symbol.
-    ("raw_syscall_munmap", [C, M, M]),
+    ("raw_syscall_munmap", [C, M, M, C]),
 ];
 
 /// Column ids of [`EXPECTED`]'s entries, in order.
-pub const EXPECTED_COLUMNS: [&str; 3] = ["uffd", "interpose", "preload"];
+pub const EXPECTED_COLUMNS: [&str; 4] = ["uffd", "interpose", "preload", "kmod"];
 
 /// The expectation of one cell, if the host has one.
 pub fn expected(scenario: &str, column: &str) -> Option<Expect> {
@@ -76,6 +77,9 @@ pub enum Cell {
     NotRun,
 }
 
+/// What an unavailable column's cells say.
+pub const NOT_RUN: &str = "not run on the host";
+
 /// Runs one cell in a child; parses its line.
 pub fn run_cell(
     bins: &Bins,
@@ -83,7 +87,7 @@ pub fn run_cell(
     scenario: &str,
     limit: Duration,
 ) -> Result<Cell, CoverageError> {
-    if !spec.on_host {
+    if !(spec.available)() {
         return Ok(Cell::NotRun);
     }
     let out = bins.run(spec, &["cell", spec.id, scenario], limit)?;
@@ -107,7 +111,7 @@ pub fn run_delays(
     n: usize,
     limit: Duration,
 ) -> Result<Option<Delays>, CoverageError> {
-    if !spec.on_host {
+    if !(spec.available)() {
         return Ok(None);
     }
     let out = bins.run(spec, &["delays", spec.id, &n.to_string()], limit)?;
@@ -115,7 +119,9 @@ pub fn run_delays(
 }
 
 fn us(ns: u64) -> String {
-    if ns < 10_000 {
+    if ns < 1_000 {
+        format!("{ns} ns")
+    } else if ns < 10_000 {
         format!("{:.1} µs", ns as f64 / 1000.0)
     } else {
         format!("{} µs", ns / 1000)
@@ -175,7 +181,7 @@ pub fn markdown(
                     )
                 }
                 Cell::Skipped(why) => format!("skipped ({why})"),
-                Cell::NotRun => "not run on the host".into(),
+                Cell::NotRun => NOT_RUN.into(),
             };
             let _ = write!(s, " {text} |");
         }
@@ -203,7 +209,7 @@ pub fn markdown(
                 );
             }
             None => {
-                let _ = writeln!(s, "| {} | not run on the host | | | | |", c.title);
+                let _ = writeln!(s, "| {} | {NOT_RUN} | | | | |", c.title);
             }
         }
     }
@@ -218,10 +224,63 @@ pub fn markdown(
          The **manual source** is `Manager::invalidate(range)`: an application that knows \
          it is about to unmap or reuse memory (its own allocator, a raw syscall, a static \
          binary) calls it itself. The **kernel module** column (`kmod-notifier`) runs only in \
-         the qemu guest: its source plugs into `umm_coverage::NotifierColumn` and the guest \
-         runs `umm-coverage-scenario cell kmod <scenario>`."
+         the qemu guest: `bash sources/coverage/guest-matrix.sh` builds the module, boots the \
+         guest and runs the same scenario binaries there (section below, when generated)."
     );
     s
+}
+
+/// Runs every cell of every available matrix column in children and compares it with
+/// [`EXPECTED`]; returns the mismatches (empty: all as expected) and the cells run.
+pub fn check(bins: &Bins, limit: Duration) -> Result<(Vec<String>, usize), String> {
+    let mut wrong = Vec::new();
+    let mut ran = 0;
+    for col in EXPECTED_COLUMNS {
+        let spec = columns()
+            .iter()
+            .find(|c| c.id == col)
+            .expect("expected columns exist");
+        for scen in SCENARIOS {
+            let expect = expected(scen.id, col).expect("every cell has an expectation");
+            match run_cell(bins, spec, scen.id, limit) {
+                Ok(Cell::Ran(v)) => {
+                    ran += 1;
+                    if !expect.matches(&v) {
+                        wrong.push(format!(
+                            "{col} / {}: expected {expect:?}, got {v:?}",
+                            scen.id
+                        ));
+                    }
+                }
+                Ok(Cell::Skipped(why)) => eprintln!("SKIP {col} / {}: {why}", scen.id),
+                Ok(Cell::NotRun) => {}
+                Err(e) => wrong.push(format!("{col} / {}: {e}", scen.id)),
+            }
+        }
+    }
+    Ok((wrong, ran))
+}
+
+/// Appends the matrix a guest run produced (`guest-matrix.sh`) to the host's markdown.
+pub fn with_guest(mut host: String, guest_md: &str) -> String {
+    let body = guest_md
+        .find("| scenario |")
+        .map_or(guest_md, |i| &guest_md[i..]);
+    let body = body
+        .find("\nThe delay is measured")
+        .map_or(body, |i| &body[..i]);
+    let _ = write!(
+        host,
+        "\n## In the qemu guest: Debian 6.1 kernel, TCG, kernel module loaded\n\n\
+         Generated by `bash sources/coverage/guest-matrix.sh` (release build; every cell is \
+         also asserted there by `umm-coverage-scenario check`). TCG emulation makes every \
+         number here 10-100x slower than native. For the kernel module the probe is called \
+         when the cell drains the source after the call returned, so its delay includes the \
+         whole call; \"by return\" means its generation page had moved, which is what every \
+         cache hit checks.\n\n{}\n",
+        body.trim_end()
+    );
+    host
 }
 
 /// Runs every matrix cell and delay measurement in children and renders the markdown.

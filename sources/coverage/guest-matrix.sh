@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# sources/coverage/guest-matrix.sh: the coverage matrix in the qemu guest, kernel-module column
+# included (the host has no loadable modules).
+#
+#   bash sources/coverage/guest-matrix.sh [OUT.md]
+#
+# 1. builds kmod-notifier/umm_notify.ko for the kernel scripts/vm boots and the scenario
+#    binaries (release);
+# 2. boots the guest once: insmod, `umm-coverage-scenario check` (every column, each cell in a
+#    child under a watchdog, asserted against table::EXPECTED), the seed scenario and the
+#    deadlock checks through a manager with the kernel module's source, `table` (written to
+#    OUT.md, default .vm/coverage/guest-matrix.md), rmmod.
+# Exits non-zero on any mismatch, hang (killed by the watchdog or the guest timeout) or failure.
+set -euo pipefail
+repo="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)"
+cd "$repo"
+
+if [ "${1:-}" = "--in-guest" ]; then
+    bin="$2" out="$3"
+    fail=0
+    insmod kmod-notifier/umm_notify.ko || { echo "insmod failed"; exit 1; }
+    echo "== check (every column)"
+    "$bin/umm-coverage-scenario" check || fail=1
+    for what in seed stress; do
+        echo "== $what kmod"
+        "$bin/umm-coverage-scenario" "$what" kmod || fail=1
+    done
+    echo "== table"
+    "$bin/umm-coverage-scenario" table > "$out" || fail=1
+    rmmod umm_notify || { echo "FAIL: rmmod"; fail=1; }
+    exit "$fail"
+fi
+
+out="${1:-$repo/.vm/coverage/guest-matrix.md}"
+mkdir -p "$(dirname "$out")"
+out="$(cd "$(dirname "$out")" && pwd)/$(basename "$out")"
+kver="${UMM_VM_KERNEL:-$(for d in /lib/modules/*/; do
+    v="$(basename "$d")"
+    [ -f "/boot/vmlinuz-$v" ] && [ -d "$d/build" ] && echo "$v"
+done | sort -V | tail -n 1)}"
+[ -n "$kver" ] || { echo "no kernel with both /boot/vmlinuz-<v> and /lib/modules/<v>/build"; exit 1; }
+export UMM_VM_KERNEL="$kver"
+echo "== building kmod-notifier for $kver"
+make -s -C kmod-notifier KVER="$kver" 2>&1 | grep -v "Skipping BTF generation" || true
+[ -f kmod-notifier/umm_notify.ko ] || { echo "FAIL: module build"; exit 1; }
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+echo "== building the scenario binaries (release)"
+cargo build -q --release -p umm-coverage --bins
+echo "== guest"
+"$repo/scripts/vm" --timeout "${UMM_COVERAGE_TIMEOUT:-900}" --keep "$CARGO_TARGET_DIR" --out "$(dirname "$out")" \
+    -- bash "$repo/sources/coverage/guest-matrix.sh" --in-guest "$CARGO_TARGET_DIR/release" "$out"
+echo "guest matrix: $out"
