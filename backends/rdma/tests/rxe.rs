@@ -75,6 +75,69 @@ fn backend_register_write_read() {
     drop(dst_mr);
 }
 
+/// Access flags per pin: two backends on one device (one protection domain) with different
+/// access, both attached to one manager; a peer's RDMA WRITE through the local-only MR's rkey
+/// is refused by the device, through the remote-write one it lands. Devices are found by
+/// name and by GUID.
+#[test]
+fn access_flags_per_pin_and_selection_by_guid() {
+    let Some((rxe0, rxe1)) = rxe_pair("access_flags_per_pin_and_selection_by_guid") else {
+        return;
+    };
+    let listed = umm_rdma::list_devices().unwrap();
+    let info = listed.iter().find(|d| d.name == "rxe0").unwrap();
+    assert_eq!(info.guid, rxe0.guid());
+    let by_guid = umm_rdma::RdmaDevice::open(&umm_rdma::DeviceSelector::Guid(info.guid)).unwrap();
+    assert_eq!(by_guid.name(), "rxe0");
+    let text = format!("guid:{:#x}", info.guid);
+    assert_eq!(
+        umm_rdma::DeviceSelector::parse(&text).unwrap(),
+        umm_rdma::DeviceSelector::Guid(info.guid)
+    );
+
+    let buf = Anon::new(4 * PAGE);
+    let src = Anon::new(4 * PAGE);
+    let manager = Manager::default();
+    let local_only = manager
+        .attach(RdmaBackend::new(rxe0.clone(), Access::LOCAL_WRITE))
+        .unwrap();
+    let remote_rw = manager
+        .attach(RdmaBackend::new(rxe0.clone(), Access::REMOTE_RW))
+        .unwrap();
+    let pin = manager
+        .pin(buf.range(), &[local_only.id(), remote_rw.id()])
+        .unwrap();
+    let sender = RdmaBackend::new(rxe1.clone(), Access::LOCAL_READ);
+    // SAFETY: `src` outlives the MR.
+    let src_mr = unsafe { sender.register_raw(src.range()) }.unwrap();
+    src.fill(0, &[0x5a; 4 * PAGE]);
+
+    let (mut qp, _peer) = connect_pair(&rxe1, &rxe0, 0).unwrap();
+    let err = qp
+        .write(
+            Local::new(&src_mr, src.addr(), 1024),
+            Remote::new(pin.translation(local_only).unwrap(), buf.addr()),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("RemoteAccessError"), "{err}");
+    assert_eq!(buf.read(0, 1024), vec![0; 1024]);
+
+    // A fresh queue pair (the refused WRITE moved the first one to the error state), over
+    // GID index 1 (IPv4-mapped; needs the sysctls of rxe-setup.sh).
+    let (mut qp, _peer) = connect_pair(&rxe1, &rxe0, 1).unwrap();
+    qp.write(
+        Local::new(&src_mr, src.addr(), 1024),
+        Remote::new(pin.translation(remote_rw).unwrap(), buf.addr()),
+    )
+    .unwrap();
+    assert_eq!(buf.read(0, 1024), vec![0x5a; 1024]);
+    assert_eq!(
+        pin.translation(local_only).unwrap().access,
+        Access::LOCAL_WRITE
+    );
+    drop(src_mr);
+}
+
 /// Every registration umm makes is one MR in the kernel, and every one is gone again after
 /// invalidation + flush: the device's own counter (`rdma resource show`) agrees with the stats.
 #[test]
