@@ -99,23 +99,12 @@ step "host tests: cargo test -p umm-kmod"
 cargo test -q -p umm-kmod
 
 step "building the guest binaries"
-artifact() { # cargo args... -> path of the executable built for target name $1
-    local name="$1"; shift
-    cargo build -q "$@" --message-format=json | python3 -c '
-import json, sys
-name = sys.argv[1]
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == name:
-        print(m["executable"])' "$name" | tail -n 1
+# The executables cargo built for a target name (from its JSON messages; no python needed).
+executable_of() { # target-name < cargo JSON
+    grep -F "\"name\":\"$1\"" | grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' | tail -n 1
 }
-tests_bin="$(cargo test -q -p umm-kmod --test guest --no-run --message-format=json | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "guest":
-        print(m["executable"])' | tail -n 1)"
-latency_bin="$(artifact kmod_latency --release -p umm-kmod --example kmod_latency)"
+tests_bin="$(cargo test -q -p umm-kmod --test guest --no-run --message-format=json | executable_of guest)"
+latency_bin="$(cargo build -q --release -p umm-kmod --example kmod_latency --message-format=json | executable_of kmod_latency)"
 [ -x "$tests_bin" ] && [ -x "$latency_bin" ] || { echo "FAIL: guest binaries not built"; exit 1; }
 
 # ---- one guest boot -----------------------------------------------------------------------
