@@ -131,7 +131,7 @@ pub struct MrTranslation {
 }
 
 impl MrTranslation {
-    /// The key/address triple for an RDMA operation on `range`, if it lies inside this MR.
+    /// Whether `range` lies inside this MR (so its keys can carry an operation on it).
     pub fn covers(&self, range: Range) -> bool {
         range.start() as u64 >= self.addr && range.end() as u64 <= self.addr + self.len as u64
     }

@@ -345,7 +345,7 @@ fn fork_keeps_parent_registrations() {
         .attach(RdmaBackend::new(rxe1, Access::LOCAL_READ))
         .unwrap();
     let len = 4 * PAGE;
-    let mut send = |qp: &mut umm_rdma::transport::RcQp| {
+    let send = |qp: &mut umm_rdma::transport::RcQp| {
         let pin = manager.pin(src.range(), &[nic.id()]).unwrap();
         let mr = pin.translation(nic).unwrap();
         qp.write(

@@ -87,7 +87,7 @@ pub struct Rig {
     qp: std::sync::Mutex<RcQp>,
     _peer_qp: RcQp,
     peer_mr: MrTranslation,
-    peer_buf: Box<[u8]>,
+    peer_buf: PeerBuf,
     p_dev: Arc<RdmaDevice>,
 }
 
@@ -98,9 +98,9 @@ impl Rig {
         let peer_dev = open("rxe0").map_err(DemoError::NoDevices)?;
         let p_dev = open("rxe1").map_err(DemoError::NoDevices)?;
         let (qp, peer_qp) = connect_pair(&p_dev, &peer_dev, 0)?;
-        let peer_buf = vec![0u8; LEN].into_boxed_slice();
+        let peer_buf = PeerBuf::new()?;
         let peer_backend = RdmaBackend::new(peer_dev, Access::REMOTE_RW);
-        let range = Range::of_slice(&peer_buf).expect("non-empty buffer");
+        let range = Range::new(peer_buf.addr, LEN)?;
         // SAFETY: `peer_buf` lives in the Rig next to the MR and is dropped after it
         // (field order).
         let peer_mr = unsafe { peer_backend.register_raw(range) }.map_err(|e| {
@@ -121,7 +121,7 @@ impl Rig {
 
     /// RDMA-WRITEs `LEN` bytes at `addr` through `mr` and returns what the peer received.
     fn send(&self, mr: &MrTranslation, addr: usize) -> Result<Vec<u8>, DemoError> {
-        let peer_addr = self.peer_buf.as_ptr() as usize;
+        let peer_addr = self.peer_buf.addr;
         // Clear the peer buffer first, so a WRITE that did nothing cannot pass as correct.
         // SAFETY: no reference to the peer's bytes is alive while we write them.
         unsafe { std::ptr::write_bytes(peer_addr as *mut u8, 0, LEN) };
@@ -148,6 +148,44 @@ pub fn peer_veth_rx_bytes() -> Option<u64> {
         .ok()
 }
 
+/// The peer's receive buffer: an anonymous mapping only the device writes (no Rust
+/// reference to it ever exists), unmapped on drop.
+struct PeerBuf {
+    addr: usize,
+}
+
+impl PeerBuf {
+    fn new() -> Result<PeerBuf, DemoError> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap of the peer buffer"));
+        }
+        Ok(PeerBuf { addr: p as usize })
+    }
+}
+
+impl Drop for PeerBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`; its MR was deregistered before (field
+        // order of `Rig`).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, LEN) };
+    }
+}
+
+/// How a [`Notifier`] connects its source to a manager: returns what must stay alive while
+/// the source watches, or why the source is unavailable here.
+pub type SetupFn = fn(&Arc<Manager>) -> Result<Box<dyn Any>, String>;
+
 /// One umm notifier source as the demo uses it: one entry of [`notifiers`].
 pub struct Notifier {
     /// Its name in the verdict table.
@@ -155,7 +193,7 @@ pub struct Notifier {
     /// Connects the source to the manager; returns what must stay alive while it watches
     /// (dropped after the manager's last use). `Err(reason)` means the source is not usable
     /// here (the entry is skipped with the reason).
-    pub setup: fn(&Arc<Manager>) -> Result<Box<dyn Any>, String>,
+    pub setup: SetupFn,
     /// Whether the application itself reports the unmap ([`Manager::invalidate`]).
     pub manual: bool,
 }
