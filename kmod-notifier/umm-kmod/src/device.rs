@@ -210,8 +210,10 @@ impl NotifyDevice {
     pub fn generation(&self) -> &AtomicU64 {
         // SAFETY: `generation` is the first, 8-byte aligned field of the mapped page, which
         // stays mapped while `self` lives. The kernel writes it with a single aligned store
-        // (smp_store_release); we only load it, and on every Linux target an `AtomicU64` load
-        // is a plain load, valid on read-only memory.
+        // (smp_store_release); user space only loads it. The page is read-only: a relaxed
+        // load of a u64 is valid there per the std atomic docs, and an acquire load is a plain
+        // `mov` (x86_64) or `ldar` (aarch64), the only targets this crate builds for (see
+        // `sys`), so no load ever writes or faults.
         unsafe { &*std::ptr::addr_of!((*self.shared.as_ptr()).generation).cast::<AtomicU64>() }
     }
 

@@ -6,6 +6,15 @@
 
 #![allow(non_camel_case_types)]
 
+// The ioctl encoding below is the asm-generic one (x86, arm64; not powerpc, mips, sparc), and
+// the generation page is read with `AtomicU64::load(Acquire)` on read-only memory, which is a
+// plain `mov` on x86_64 and an `ldar` on aarch64 (the std docs promise read-only safety only
+// for relaxed loads in general).
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "umm-kmod supports x86_64 and aarch64 (ioctl encoding, atomic loads of a read-only page)"
+);
+
 use std::mem::size_of;
 
 /// `UMM_NOTIFY_ABI_VERSION`: bumped on every incompatible change of the header.
