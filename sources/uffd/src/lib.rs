@@ -59,6 +59,9 @@
 //! * **What cannot be watched.** Regular-file `MAP_SHARED` mappings and SysV shm refuse
 //!   registration (`EINVAL`); [`Options::strict`] decides whether such a watch fails (and
 //!   with it the `pin`) or is counted in [`UffdStats::unwatchable`] and left uncovered.
+//! * **One per process.** A range can be registered with one userfaultfd only: a second
+//!   source (say, of a second manager) watching the same memory gets `EBUSY`. Share one
+//!   `Arc<UffdSource>` between managers.
 //! * **Side effects.** Registering part of a mapping splits its VMA (glibc's `realloc` then
 //!   cannot `mremap` it and copies instead); an in-place `mremap` grow gives no event and
 //!   silently extends the registration; after a `REMAP` the registration follows the

@@ -10,6 +10,10 @@ use umm::testing::RecordingBackend;
 use umm::{Manager, Range};
 use umm_uffd::{Options, UffdSource};
 
+/// The tests re-map freed addresses with MAP_FIXED (the seed scenario): run one at a time,
+/// or one test's MAP_FIXED could land on memory the other just mapped at that address.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -50,6 +54,7 @@ fn source() -> Option<Arc<UffdSource>> {
 
 #[test]
 fn seed_scenario_second_pin_is_a_fresh_registration() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(source) = source() else { return };
     within("seed scenario", move || {
         let manager = Manager::default();
@@ -88,6 +93,7 @@ fn seed_scenario_second_pin_is_a_fresh_registration() {
 
 #[test]
 fn register_that_unmaps_watched_memory_does_not_deadlock() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(source) = source() else { return };
     within(
         "pins whose register() unmaps a watched, registered range",
