@@ -223,12 +223,17 @@ impl HookSink for Counter {
 fn install_and_uninstall_race_with_unmapping_threads() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let stop = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..3)
         .map(|_| {
             let stop = stop.clone();
+            let running = running.clone();
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 while stop.load(Ordering::Relaxed) == 0 {
+                    if n == 1 {
+                        running.fetch_add(1, Ordering::SeqCst);
+                    }
                     let len = umm::page_size();
                     let p = map(len);
                     // SAFETY: our own mapping.
@@ -240,6 +245,12 @@ fn install_and_uninstall_race_with_unmapping_threads() {
             })
         })
         .collect();
+    let r = running.clone();
+    within("the unmapping threads to start", move || {
+        while r.load(Ordering::SeqCst) < 3 {
+            std::thread::yield_now();
+        }
+    });
     within("200 install/uninstall cycles under load", || {
         for _ in 0..200 {
             let c = Arc::new(Counter::default());
@@ -251,6 +262,6 @@ fn install_and_uninstall_race_with_unmapping_threads() {
     });
     stop.store(1, Ordering::Relaxed);
     for w in workers {
-        assert!(w.join().unwrap() > 0);
+        assert!(w.join().unwrap() > 1);
     }
 }
