@@ -41,6 +41,9 @@ fi
 step "kernel module suite (qemu guest)"
 bash scripts/test-kmod.sh
 
+step "coverage matrix with the kernel-module column (qemu guest)"
+bash sources/coverage/guest-matrix.sh
+
 step "RDMA suite on Soft-RoCE (qemu guest)"
 bash scripts/test-rdma.sh
 
