@@ -238,11 +238,11 @@ pub fn notifiers() -> Vec<Notifier> {
         Notifier {
             name: "interposition",
             setup: |manager| {
-                // Not added with add_source: its watch/unwatch only count, delivery goes
-                // through the hooks' sink, and the source holds an Arc of the manager (adding
-                // it would make a cycle that never drops the manager or the hooks' sink).
                 let source =
                     umm_interpose::InterposeSource::install(manager).map_err(|e| e.to_string())?;
+                manager
+                    .add_source(source.clone())
+                    .map_err(|e| e.to_string())?;
                 Ok(Box::new(source))
             },
             manual: false,

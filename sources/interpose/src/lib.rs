@@ -108,6 +108,21 @@ impl HookSink for umm::Manager {
     }
 }
 
+/// The sink of an [`InterposeSource`]: reaches the manager without keeping it alive.
+///
+/// While the manager is being dropped the upgrade fails and the hook passes through (the
+/// manager is deregistering everything anyway). The upgrade is one atomic
+/// compare-and-swap: no allocation, no lock.
+struct WeakManager(std::sync::Weak<umm::Manager>);
+
+impl HookSink for WeakManager {
+    fn invalidate_from_hook(&self, range: Range) {
+        if let Some(manager) = self.0.upgrade() {
+            manager.invalidate_deferred(range);
+        }
+    }
+}
+
 /// The C-ABI form of a sink: called with the `ctx` given at installation and the range.
 pub type RawSink = unsafe extern "C" fn(ctx: *const c_void, start: usize, len: usize);
 
@@ -312,7 +327,9 @@ impl InterposeSource {
             return Err(InstallError::NoHooks);
         }
         Ok(Arc::new(InterposeSource {
-            _installation: install(manager.clone())?,
+            // Weak: the manager owns this source once added, so a strong reference here
+            // would be a cycle that keeps both (and the installed hooks) alive forever.
+            _installation: install(Arc::new(WeakManager(Arc::downgrade(manager))))?,
             watches: AtomicUsize::new(0),
         }))
     }
