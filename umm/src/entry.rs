@@ -39,7 +39,6 @@
 //! slot into one word, which is what the radix index stores.
 
 use std::cell::{Cell, UnsafeCell};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::backend::ErasedTranslation;
@@ -145,9 +144,10 @@ impl Chunk {
     }
 }
 
-/// One entry: its chunk and slot, packed in one word (see the module docs).
+/// One entry: its chunk's address with the slot number in the low bits (the chunk is
+/// 4 KiB-aligned), one word, which is also what the radix index stores.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) struct EntryRef(NonNull<Chunk>, usize);
+pub(crate) struct EntryRef(std::num::NonZeroUsize);
 
 // SAFETY: an EntryRef points into a chunk owned by a device, which outlives every use of
 // the reference (chunks are freed only when the device is dropped); Chunk is Sync.
@@ -155,15 +155,18 @@ unsafe impl Send for EntryRef {}
 // SAFETY: as above.
 unsafe impl Sync for EntryRef {}
 
+const CHUNK_MASK: usize = std::mem::align_of::<Chunk>() - 1;
+
 impl EntryRef {
     pub(crate) fn new(chunk: &Chunk, slot: usize) -> EntryRef {
         debug_assert!(slot < CHUNK);
-        EntryRef(NonNull::from(chunk), slot)
+        let raw = chunk as *const Chunk as usize | (slot << SLOT_SHIFT);
+        EntryRef(std::num::NonZeroUsize::new(raw).expect("chunk address is not null"))
     }
 
     /// The word the index stores: chunk address | slot << 1 (bit 0 stays clear).
     pub(crate) fn to_raw(self) -> usize {
-        self.0.as_ptr() as usize | (self.1 << SLOT_SHIFT)
+        self.0.get()
     }
 
     /// Inverse of [`EntryRef::to_raw`].
@@ -172,28 +175,30 @@ impl EntryRef {
     /// `raw` came from `to_raw` of an entry whose chunk is still owned by its device.
     #[inline]
     pub(crate) unsafe fn from_raw(raw: usize) -> EntryRef {
-        let chunk = (raw & !(std::mem::align_of::<Chunk>() - 1)) as *mut Chunk;
-        // SAFETY: non-null: it came from a chunk reference (caller's contract).
-        EntryRef(
-            unsafe { NonNull::new_unchecked(chunk) },
-            (raw >> SLOT_SHIFT) & (CHUNK - 1),
-        )
+        // SAFETY: non-zero: it came from to_raw (caller's contract).
+        EntryRef(unsafe { std::num::NonZeroUsize::new_unchecked(raw) })
     }
 
     #[inline]
     fn chunk(&self) -> &Chunk {
-        // SAFETY: chunks outlive every EntryRef (see the Send impl).
-        unsafe { self.0.as_ref() }
+        // SAFETY: the high bits are the address of a chunk that outlives every EntryRef
+        // (see the Send impl).
+        unsafe { &*((self.0.get() & !CHUNK_MASK) as *const Chunk) }
+    }
+
+    #[inline]
+    fn slot(&self) -> usize {
+        (self.0.get() >> SLOT_SHIFT) & (CHUNK - 1)
     }
 
     #[inline]
     fn header(&self) -> &Header {
-        &self.chunk().headers[self.1]
+        &self.chunk().headers[self.slot()]
     }
 
     #[inline]
     fn stripe(&self, stripe: usize) -> &AtomicU64 {
-        &self.chunk().stripes[stripe].0[self.1]
+        &self.chunk().stripes[stripe].0[self.slot()]
     }
 
     /// Takes a reference if the entry is `LIVE` and covers `want`; counts a hit when `hit`.
@@ -286,7 +291,7 @@ impl EntryRef {
         debug_assert_eq!(self.state(), FREE);
         // SAFETY: caller guarantees no reader; the writer lock serialises writers.
         unsafe {
-            *self.chunk().translations[self.1].get() = Some(translation);
+            *self.chunk().translations[self.slot()].get() = Some(translation);
             let w = self.writer();
             w.range = range;
             w.id = id;
@@ -308,7 +313,7 @@ impl EntryRef {
     pub(crate) unsafe fn retire(&self) -> Option<ErasedTranslation> {
         self.set_state(FREE);
         // SAFETY: no reference is held, so no Pin reads the translation (caller's contract).
-        unsafe { (*self.chunk().translations[self.1].get()).take() }
+        unsafe { (*self.chunk().translations[self.slot()].get()).take() }
     }
 
     /// The translation, for a [`crate::Pin`] that holds a reference.
@@ -317,7 +322,7 @@ impl EntryRef {
     /// The caller holds a reference taken while the entry was `LIVE`.
     pub(crate) unsafe fn translation(&self) -> Option<&ErasedTranslation> {
         // SAFETY: no writer runs while a reference is held (caller's contract).
-        unsafe { (*self.chunk().translations[self.1].get()).as_ref() }
+        unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }
     }
 
     /// The registered range, for a holder of a reference (lock-free copy).
@@ -335,7 +340,7 @@ impl EntryRef {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn writer(&self) -> &mut WriterSide {
         // SAFETY: exclusive by the writer lock (caller's contract).
-        unsafe { &mut *self.chunk().writers[self.1].get() }
+        unsafe { &mut *self.chunk().writers[self.slot()].get() }
     }
 }
 

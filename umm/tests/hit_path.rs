@@ -47,7 +47,9 @@ fn hits_and_their_drops_allocate_nothing() {
     let arena = Arena::new(64);
     let m = Manager::default();
     let a = m.attach(RecordingBackend::new("a")).unwrap();
-    let b = m.attach(RecordingBackend::new("b").refusing_overlap()).unwrap();
+    let b = m
+        .attach(RecordingBackend::new("b").refusing_overlap())
+        .unwrap();
     let devs = [a.id(), b.id()];
     let ranges: Vec<_> = (0..16).map(|i| arena.pages(i * 4, 2)).collect();
     for r in &ranges {
