@@ -4,8 +4,14 @@ use std::hint::black_box;
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (n, ops) = (args.first().copied().unwrap_or(1000), args.get(1).copied().unwrap_or(50_000_000));
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (n, ops) = (
+        args.first().copied().unwrap_or(1000),
+        args.get(1).copied().unwrap_or(50_000_000),
+    );
     let in_thread = std::env::args().any(|a| a == "thread");
     let run = move || {
         let w = umm_benches::Workload::new(n);
@@ -14,7 +20,10 @@ fn main() {
         for k in 0..ops {
             black_box(m.pin(w.range(w.pick(k)), &[dev]).unwrap());
         }
-        println!("{n} entries: {:.1} ns/hit", t.elapsed().as_nanos() as f64 / ops as f64);
+        println!(
+            "{n} entries: {:.1} ns/hit",
+            t.elapsed().as_nanos() as f64 / ops as f64
+        );
     };
     if in_thread {
         std::thread::spawn(run).join().unwrap();

@@ -11,8 +11,10 @@ use umm_benches::{LinearCache, LockedBTreeCache, Workload, HAS_UCX};
 
 const REPS: usize = 5;
 
-/// Median ns per op of `ops` calls of `f`, over REPS repetitions.
+/// Median ns per op of `ops` calls of `f`, over REPS repetitions after one untimed
+/// warm-up repetition.
 fn measure(ops: usize, mut f: impl FnMut(usize)) -> f64 {
+    (0..ops).for_each(&mut f);
     let mut v: Vec<f64> = (0..REPS)
         .map(|rep| {
             let t = Instant::now();
@@ -26,9 +28,11 @@ fn measure(ops: usize, mut f: impl FnMut(usize)) -> f64 {
     v[REPS / 2]
 }
 
-/// Median ns per op per thread with two threads running `f(thread, k)` concurrently.
+/// Median ns per op per thread with two threads running `f(thread, k)` concurrently, over
+/// REPS repetitions after one untimed warm-up repetition (the first run of a second
+/// thread measured ~40% slower here: the idle vCPU waking up).
 fn measure2(ops: usize, f: impl Fn(usize, usize) + Sync) -> f64 {
-    let mut v: Vec<f64> = (0..REPS)
+    let mut v: Vec<f64> = (0..=REPS)
         .map(|_| {
             let t = Instant::now();
             std::thread::scope(|s| {
@@ -43,6 +47,7 @@ fn measure2(ops: usize, f: impl Fn(usize, usize) + Sync) -> f64 {
             });
             t.elapsed().as_nanos() as f64 / ops as f64
         })
+        .skip(1)
         .collect();
     v.sort_by(f64::total_cmp);
     v[REPS / 2]
@@ -103,11 +108,16 @@ fn main() {
         black_box(m.pin(w.range(7), &[dev]).unwrap());
     });
     println!("{:<34} umm {same:>8.1} ns", "hit, same buffer repeatedly");
-    for (label, same) in [
-        ("2 threads, distinct buffers", false),
-        ("2 threads, same buffer", true),
+    for (label, pattern) in [
+        ("2 threads, each its own buffer", 0),
+        ("2 threads, random buffers", 1),
+        ("2 threads, same buffer", 2),
     ] {
-        let idx = |th: usize, k: usize| if same { 7 } else { w.pick(2 * k + th) };
+        let idx = |th: usize, k: usize| match pattern {
+            0 => 100 + th * 17,
+            1 => w.pick(2 * k + th),
+            _ => 7,
+        };
         let umm = measure2(ops / 2, |th, k| {
             black_box(m.pin(w.range(idx(th, k)), &[dev]).unwrap());
         });
@@ -121,7 +131,7 @@ fn main() {
             umm,
             &[
                 ("Mutex<BTreeMap>", Some(btree)),
-                ("UCX rcache", ucx_hit2(&w, ops / 2, same)),
+                ("UCX rcache", ucx_hit2(&w, ops / 2, &idx)),
             ],
         );
     }
@@ -163,11 +173,10 @@ fn ucx_hit(w: &Workload, ops: usize) -> Option<f64> {
 }
 
 #[cfg(umm_has_ucx)]
-fn ucx_hit2(w: &Workload, ops: usize, same: bool) -> Option<f64> {
+fn ucx_hit2(w: &Workload, ops: usize, idx: &(dyn Fn(usize, usize) -> usize + Sync)) -> Option<f64> {
     let c = umm_benches::UcxCache::new(w)?;
     Some(measure2(ops, |th, k| {
-        let i = if same { 7 } else { w.pick(2 * k + th) };
-        let r = c.get(w.range(i)).expect("ucx get");
+        let r = c.get(w.range(idx(th, k))).expect("ucx get");
         c.put(black_box(r));
     }))
 }
@@ -178,6 +187,6 @@ fn ucx_hit(_: &Workload, _: usize) -> Option<f64> {
 }
 
 #[cfg(not(umm_has_ucx))]
-fn ucx_hit2(_: &Workload, _: usize, _: bool) -> Option<f64> {
+fn ucx_hit2(_: &Workload, _: usize, _: &(dyn Fn(usize, usize) -> usize + Sync)) -> Option<f64> {
     None
 }
