@@ -12,7 +12,11 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 target="${CARGO_TARGET_DIR:-$repo/target}"
 case "$target" in
-    /tmp/*) echo "scripts/demo.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs /tmp)" >&2; exit 2 ;;
+    "$repo"/*) ;; # scripts/vm keeps the repository visible in the guest, even under /tmp
+    /tmp/* | /var/tmp/* | /run/*)
+        echo "scripts/demo.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs there)" >&2
+        exit 2
+        ;;
 esac
 export CARGO_TARGET_DIR="$target"
 

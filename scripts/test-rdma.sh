@@ -93,12 +93,16 @@ numbers=0
 
 target="${CARGO_TARGET_DIR:-$repo/target}"
 case "$target" in
-    /tmp/*) echo "scripts/test-rdma.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs /tmp)" >&2; exit 2 ;;
+    "$repo"/*) ;; # scripts/vm keeps the repository visible in the guest, even under /tmp
+    /tmp/* | /var/tmp/* | /run/*)
+        echo "scripts/test-rdma.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs there)" >&2
+        exit 2
+        ;;
 esac
 export CARGO_TARGET_DIR="$target"
 
-out="$(mktemp -d "$repo/target-rdma-vm.XXXXXX" 2>/dev/null || mktemp -d)"
-case "$out" in /tmp/*) out="$(mktemp -d "$target/rdma-vm.XXXXXX")" ;; esac
+mkdir -p "$target"
+out="$(mktemp -d "$target/rdma-vm.XXXXXX")"
 trap 'rm -rf "$out"' EXIT
 list="$out/binaries"
 
