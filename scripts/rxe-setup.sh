@@ -21,9 +21,14 @@ for m in crc32_generic rdma_rxe ib_uverbs rdma_ucm veth; do
 done
 step "modules loaded"
 
+# No IPv6 duplicate address detection on the veth pair: while the link-local address behind
+# GID 0 is "tentative" (about a second after link up) a QP's move to RTR fails (route lookup
+# to the peer's GID); seen as an intermittent "ibv_modify_qp(RTR) failed".
+sysctl -qw net.ipv6.conf.default.accept_dad=0
 if ! ip link show v0 >/dev/null 2>&1; then
     ip link add v0 type veth peer name v1
 fi
+for i in v0 v1; do sysctl -qw "net.ipv6.conf.$i.accept_dad=0"; done
 ip addr replace 10.99.0.1/24 dev v0
 ip addr replace 10.99.0.2/24 dev v1
 ip link set lo up
@@ -45,6 +50,12 @@ if ! ip rule show | grep -q 'lookup 100'; then
     ip rule add pref 1000 lookup local
     ip rule del pref 0 lookup local
 fi
+for _ in $(seq 1 50); do
+    [ -z "$(ip -6 addr show tentative dev v0; ip -6 addr show tentative dev v1)" ] && break
+    sleep 0.1
+done
+[ -z "$(ip -6 addr show tentative dev v0; ip -6 addr show tentative dev v1)" ] ||
+    fail "IPv6 link-local addresses of v0/v1 still tentative"
 step "veth v0/v1 up with policy routes"
 
 rdma link show rxe0/1 >/dev/null 2>&1 || rdma link add rxe0 type rxe netdev v0

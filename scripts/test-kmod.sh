@@ -60,19 +60,10 @@ if [ "$missing" = 1 ]; then
     bash scripts/setup.sh
 fi
 
-# The guest kernel: what scripts/vm boots (newest with an image and modules) and has headers.
-kver="${UMM_VM_KERNEL:-$(for d in /lib/modules/*/; do
-    v="$(basename "$d")"
-    [ -f "/boot/vmlinuz-$v" ] && [ -d "$d/build" ] && echo "$v"
-done | sort -V | tail -n 1)}"
-[ -n "$kver" ] || { echo "no kernel with both /boot/vmlinuz-<v> and /lib/modules/<v>/build"; exit 1; }
+# ---- module (for the kernel scripts/vm boots) ---------------------------------------------
+step "building kmod-notifier"
+kver="$(bash scripts/build-kmod.sh)" || { echo "FAIL: module build"; exit 1; }
 export UMM_VM_KERNEL="$kver"
-
-# ---- module -------------------------------------------------------------------------------
-step "building kmod-notifier for $kver"
-make -s -C kmod-notifier KVER="$kver" 2>&1 | grep -v "Skipping BTF generation" || true
-[ -f kmod-notifier/umm_notify.ko ] || { echo "FAIL: module build"; exit 1; }
-modinfo -F vermagic kmod-notifier/umm_notify.ko | grep -q "^$kver " || { echo "FAIL: module not built for $kver"; exit 1; }
 
 # ---- checkpatch ---------------------------------------------------------------------------
 step "checkpatch --strict"

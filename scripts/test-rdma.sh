@@ -107,18 +107,14 @@ trap 'rm -rf "$out"' EXIT
 list="$out/binaries"
 
 t0=$(date +%s)
-# The kernel module for the stale-DMA demo's kernel-module row (scripts/test-kmod.sh's build
-# step, for the kernel scripts/vm boots). Optional here: without it that row is skipped.
-kver="${UMM_VM_KERNEL:-$(for d in /lib/modules/*/; do
-    v="$(basename "$d")"
-    [ -f "/boot/vmlinuz-$v" ] && [ -d "$d/build" ] && echo "$v"
-done | sort -V | tail -n 1)}"
-if [ -n "$kver" ] && [ -f kmod-notifier/Makefile ]; then
-    echo "building kmod-notifier for $kver..."
-    make -s -C kmod-notifier KVER="$kver" 2>&1 | grep -v "Skipping BTF generation" || true
-    if [ -f kmod-notifier/umm_notify.ko ]; then export UMM_VM_KERNEL="$kver"; fi
+# The kernel module for the stale-DMA demo's kernel-module row, for the kernel scripts/vm
+# boots. Optional here: without it that row is skipped.
+if kver="$(bash scripts/build-kmod.sh)"; then
+    export UMM_VM_KERNEL="$kver"
+else
+    rm -f kmod-notifier/umm_notify.ko
+    echo "warning: kmod-notifier not built: the stale-DMA kernel-module row will be skipped" >&2
 fi
-[ -f kmod-notifier/umm_notify.ko ] || echo "warning: kmod-notifier not built: the stale-DMA kernel-module row will be skipped" >&2
 echo "building the RDMA tests (target $target)..."
 cargo build -p stale-dma --bins
 # Test harnesses only (they live in deps/), not examples or binaries.

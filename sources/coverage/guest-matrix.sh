@@ -34,15 +34,9 @@ fi
 out="${1:-$repo/.vm/coverage/guest-matrix.md}"
 mkdir -p "$(dirname "$out")"
 out="$(cd "$(dirname "$out")" && pwd)/$(basename "$out")"
-kver="${UMM_VM_KERNEL:-$(for d in /lib/modules/*/; do
-    v="$(basename "$d")"
-    [ -f "/boot/vmlinuz-$v" ] && [ -d "$d/build" ] && echo "$v"
-done | sort -V | tail -n 1)}"
-[ -n "$kver" ] || { echo "no kernel with both /boot/vmlinuz-<v> and /lib/modules/<v>/build"; exit 1; }
-export UMM_VM_KERNEL="$kver"
-echo "== building kmod-notifier for $kver"
-make -s -C kmod-notifier KVER="$kver" 2>&1 | grep -v "Skipping BTF generation" || true
-[ -f kmod-notifier/umm_notify.ko ] || { echo "FAIL: module build"; exit 1; }
+echo "== building kmod-notifier"
+UMM_VM_KERNEL="$(bash "$repo/scripts/build-kmod.sh")" || { echo "FAIL: module build"; exit 1; }
+export UMM_VM_KERNEL
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 echo "== building the scenario binaries (release)"
 cargo build -q --release -p umm-coverage --bins
