@@ -85,6 +85,33 @@ fn no_deadlock_with_unmapping_backend_and_malloc_storms_per_source() {
 }
 
 #[test]
+fn readme_table_agrees_with_the_expected_matrix() {
+    let readme = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+    let text = std::fs::read_to_string(&readme).expect("README.md exists");
+    for scen in SCENARIOS {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", scen.title)))
+            .unwrap_or_else(|| panic!("no row for {} in README.md", scen.title));
+        let cells: Vec<&str> = row
+            .split('|')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        for (i, col) in EXPECTED_COLUMNS.iter().enumerate() {
+            let want = table::expected(scen.id, col).unwrap();
+            assert_eq!(
+                cells[i + 1] == "caught",
+                want == Expect::Caught,
+                "README.md: {}: column {col}: {}",
+                scen.title,
+                cells[i + 1]
+            );
+        }
+    }
+}
+
+#[test]
 fn generated_table_agrees_with_the_expected_matrix() {
     let doc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/coverage-matrix.md");
     let text = std::fs::read_to_string(&doc).expect("docs/coverage-matrix.md exists");
