@@ -601,7 +601,6 @@ impl Manager {
                     unsafe { e.writer() }.range
                 })
                 .find(|r| r.overlaps(&want));
-            let mut target = want;
             let mut victims = Vec::new();
             let mut live_holder = None;
             if stale_holder.is_none() {
@@ -610,37 +609,33 @@ impl Manager {
                     let r = unsafe { e.writer() }.range;
                     if e.try_kill() {
                         victims.push(e);
-                        target = target.union(&r);
                     } else if r.overlaps(&want) {
                         live_holder = Some(r);
                         break;
                     } // a pinned adjacent entry may stay: adjacency is allowed.
                 }
             }
-            let holder = stale_holder.or(live_holder);
-            if holder.is_none()
-                && !victims.is_empty()
-                && self.config.check_mapped
-                && !is_mapped(&target)
-            {
-                // An old neighbour is no longer mapped (no source told us yet): do not
-                // merge it; it will fail or be invalidated on its own.
-                for e in victims.drain(..) {
-                    e.set_state(LIVE);
-                }
-                target = want;
-                if Self::live_overlapping(locked.st(), &want, false).is_empty() {
-                    return Ok(target);
-                }
-                return Err(Error::Unmapped { range: want });
-            }
-            match holder {
+            match stale_holder.or(live_holder) {
                 None => {
+                    // Each victim overlaps or touches `want`, so the union stays contiguous.
                     let st = locked.st();
-                    for e in &victims {
-                        self.unlink_live(dev, st, *e);
-                        dev.counters.merges.fetch_add(1, Ordering::Relaxed);
-                        st.doomed.push(*e);
+                    let mut target = want;
+                    for &e in &victims {
+                        // SAFETY: writer lock held.
+                        let r = unsafe { e.writer() }.range;
+                        self.unlink_live(dev, st, e);
+                        if self.config.check_mapped && !is_mapped(&r) {
+                            // Part of it is no longer mapped although no source said so:
+                            // it is stale. Deregister it, do not merge it.
+                            dev.counters
+                                .invalidated_entries
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(device = %dev.id, range = %r, "unmapped neighbour dropped instead of merged");
+                        } else {
+                            target = target.union(&r);
+                            dev.counters.merges.fetch_add(1, Ordering::Relaxed);
+                        }
+                        st.doomed.push(e);
                     }
                     self.reap(dev, st);
                     return Ok(target);

@@ -121,6 +121,27 @@ fn overlapping_and_adjacent_misses_merge_where_the_device_refuses_overlap() {
 }
 
 #[test]
+fn an_unmapped_neighbour_is_dropped_not_merged() {
+    let arena = Arena::new(16);
+    let m = Manager::default();
+    let gpu = RecordingBackend::new("cuda").refusing_overlap();
+    let l = gpu.ledger();
+    let gpu = m.attach(gpu).unwrap();
+    drop(m.pin(arena.pages(0, 4), &[gpu.id()]).unwrap());
+    // Half of it goes away and no source reports it.
+    // SAFETY: unmaps two pages of our own arena.
+    unsafe { libc::munmap((arena.base + 2 * PAGE) as *mut libc::c_void, 2 * PAGE) };
+    let p = m.pin(arena.pages(4, 2), &[gpu.id()]).unwrap();
+    assert_eq!(p.registered_range(gpu), Some(arena.pages(4, 2)));
+    assert_eq!((l.registrations(), l.deregistrations()), (2, 1));
+    let s = m.stats();
+    assert_eq!(
+        (s.devices[0].merges, s.devices[0].invalidated_entries),
+        (0, 1)
+    );
+}
+
+#[test]
 fn pinned_overlap_on_no_overlap_device_waits_then_fails_typed() {
     let arena = Arena::new(16);
     let m = Manager::new(Config {
