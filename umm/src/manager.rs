@@ -676,8 +676,7 @@ impl Manager {
         let result = self.watch_and_register(locked, cookie, target);
         // Events recorded since the watch: drain sources, apply everything recorded.
         self.sync_sources();
-        let manager = self;
-        manager.apply_pending(dev, locked.st());
+        self.apply_pending(dev, locked.st());
         let hit_in_flight = locked.st().inflight.take().is_some_and(|(_, hit)| hit);
         let translation = match result {
             Ok(t) if !hit_in_flight => t,
