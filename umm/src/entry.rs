@@ -101,6 +101,9 @@ struct StripeArray {
 /// [`CHUNK`] entries, by field (see the module docs).
 #[repr(align(4096))]
 pub(crate) struct Chunk {
+    /// The device (index) whose entries these are: a pin's reference alone names its
+    /// device, keeping pins small (their size showed in the hit's cost).
+    device: u32,
     headers: [Header; CHUNK],
     stripes: [StripeArray; STRIPES],
     /// Written only while the entry is `FREE` and unreferenced (publication) or being
@@ -121,9 +124,10 @@ unsafe impl Sync for Chunk {}
 unsafe impl Send for Chunk {}
 
 impl Chunk {
-    pub(crate) fn new() -> Box<Chunk> {
+    pub(crate) fn new(device: u32) -> Box<Chunk> {
         let placeholder = Range::new(0, 1).expect("static range");
         Box::new(Chunk {
+            device,
             headers: std::array::from_fn(|_| Header {
                 state: AtomicU32::new(FREE),
                 referenced: AtomicU32::new(0),
@@ -192,6 +196,12 @@ impl EntryRef {
         // SAFETY: the high bits are the address of a chunk that outlives every EntryRef
         // (see the Send impl).
         unsafe { &*((self.0.get() & !CHUNK_MASK) as *const Chunk) }
+    }
+
+    /// The index of the device owning the entry.
+    #[inline]
+    pub(crate) fn device(&self) -> u32 {
+        self.chunk().device
     }
 
     #[inline]

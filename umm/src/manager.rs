@@ -239,12 +239,6 @@ impl std::fmt::Debug for Manager {
     }
 }
 
-/// One device reference held by a pin.
-struct Hold {
-    device: u32,
-    entry: EntryRef,
-}
-
 /// Exclusive access to a device's writer side; on drop it unlocks and then keeps applying
 /// work that other threads recorded while it was held (the "combining" half of the
 /// never-wait rule of [`Manager::invalidate`]).
@@ -438,10 +432,7 @@ impl Manager {
         for &id in devices {
             let dev = self.device(id)?;
             match self.try_hit(dev, &range, stripe) {
-                Some(entry) => pin.holds.push(Hold {
-                    device: id.0,
-                    entry,
-                }),
+                Some(entry) => pin.holds.push(entry),
                 None => missed.push(dev),
             }
         }
@@ -454,10 +445,7 @@ impl Manager {
         for dev in missed {
             // On error `pin` drops and releases what it already holds.
             let entry = self.pin_slow(dev, &range, stripe)?;
-            pin.holds.push(Hold {
-                device: dev.id.0,
-                entry,
-            });
+            pin.holds.push(entry);
         }
         Ok(pin)
     }
@@ -692,7 +680,7 @@ impl Manager {
         };
         let st = locked.st();
         if st.free.is_empty() {
-            let chunk = Chunk::new();
+            let chunk = Chunk::new(dev.id.0);
             st.free.extend(chunk.entries().rev());
             st.chunks.push(chunk);
         }
@@ -1226,7 +1214,8 @@ pub struct Pin<'m> {
     manager: &'m Manager,
     range: Range,
     stripe: u8,
-    holds: SmallVec<[Hold; 4]>,
+    /// One entry per device (an entry knows its device).
+    holds: SmallVec<[EntryRef; 4]>,
 }
 
 // SAFETY: a Pin holds references to entries whose counters are atomics and whose
@@ -1242,7 +1231,7 @@ impl std::fmt::Debug for Pin<'_> {
             .field("range", &self.range)
             .field(
                 "devices",
-                &self.holds.iter().map(|h| h.device).collect::<Vec<_>>(),
+                &self.holds.iter().map(|h| h.device()).collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -1254,8 +1243,8 @@ impl<'m> Pin<'m> {
         self.range
     }
 
-    fn hold(&self, device: DeviceId) -> Option<&Hold> {
-        self.holds.iter().find(|h| h.device == device.0)
+    fn hold(&self, device: DeviceId) -> Option<&EntryRef> {
+        self.holds.iter().find(|h| h.device() == device.0)
     }
 
     /// The device's translation of the registration that covers this pin, or `None` if
@@ -1268,13 +1257,13 @@ impl<'m> Pin<'m> {
         }
         let hold = self.hold(device.id)?;
         // SAFETY: this pin holds a reference taken while the entry was LIVE.
-        let t = unsafe { hold.entry.translation() }?;
+        let t = unsafe { hold.translation() }?;
         t.downcast_ref::<B::Translation>()
     }
 
     /// The range the device registered for this pin (rounded out, possibly merged).
     pub fn registered_range(&self, device: impl Into<DeviceId>) -> Option<Range> {
-        self.hold(device.into()).map(|h| h.entry.range_unlocked())
+        self.hold(device.into()).map(|h| h.range_unlocked())
     }
 
     /// Offset of the pin's first byte inside the device's registered range.
@@ -1288,13 +1277,13 @@ impl<'m> Pin<'m> {
     pub fn is_valid(&self) -> bool {
         self.manager.sync_sources();
         self.holds.iter().all(|h| {
-            let Ok(dev) = self.manager.device(DeviceId(h.device)) else {
+            let Ok(dev) = self.manager.device(DeviceId(h.device())) else {
                 return false;
             };
             if !dev.clean() {
                 drop(self.manager.lock(dev, false));
             }
-            h.entry.state() == LIVE
+            h.state() == LIVE
         })
     }
 }
@@ -1303,9 +1292,9 @@ impl Drop for Pin<'_> {
     fn drop(&mut self) {
         let stripe = self.stripe as usize;
         for h in &self.holds {
-            if h.entry.release(stripe) {
-                if let Ok(dev) = self.manager.device(DeviceId(h.device)) {
-                    self.manager.slow_release(dev, h.entry);
+            if h.release(stripe) {
+                if let Ok(dev) = self.manager.device(DeviceId(h.device())) {
+                    self.manager.slow_release(dev, *h);
                 }
             }
         }
