@@ -11,38 +11,15 @@ use umm::{Manager, Range};
 use umm_rdma::transport::{connect_pair, Local, Remote};
 use umm_rdma::{Access, DeviceSelector, RdmaBackend, RdmaDevice};
 
-struct Anon {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Anon {
-    fn new(len: usize) -> Anon {
-        // SAFETY: a fresh anonymous mapping.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Anon { ptr, len }
-    }
-
-    fn range(&self) -> Range {
-        Range::new(self.ptr as usize, self.len).unwrap()
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
+/// A populated anonymous mapping and its range.
+fn anon(len: usize) -> (memmap2::MmapMut, Range) {
+    let map = memmap2::MmapOptions::new()
+        .len(len)
+        .populate()
+        .map_anon()
+        .expect("anonymous mapping");
+    let range = Range::of_slice(&map[..]).unwrap();
+    (map, range)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -79,33 +56,31 @@ fn main() {
     );
     for shift in [12, 14, 16, 18, 20, 22, 24, 26] {
         let len = 1usize << shift;
-        let buf = Anon::new(len);
+        let (_buf, buf) = anon(len);
         let rounds = if len >= 16 << 20 { 5 } else { 21 };
         let (mut reg, mut dereg) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let t = Instant::now();
             // SAFETY: `buf` outlives the MR, deregistered right below.
-            let mr = unsafe { backend.register_raw(buf.range()) }.unwrap();
+            let mr = unsafe { backend.register_raw(buf) }.unwrap();
             reg.push(t.elapsed());
             let t = Instant::now();
-            umm::Backend::deregister(&backend, buf.range(), mr).unwrap();
+            umm::Backend::deregister(&backend, buf, mr).unwrap();
             dereg.push(t.elapsed());
         }
         let (r, d) = (median(reg), median(dereg));
-        drop(manager.pin(buf.range(), &[nic.id()]).unwrap());
+        drop(manager.pin(buf, &[nic.id()]).unwrap());
         let mut hits = Vec::new();
         for _ in 0..21 {
             let n = 10_000u32;
             let t = Instant::now();
             for _ in 0..n {
-                drop(std::hint::black_box(
-                    manager.pin(buf.range(), &[nic.id()]).unwrap(),
-                ));
+                drop(std::hint::black_box(manager.pin(buf, &[nic.id()]).unwrap()));
             }
             hits.push(t.elapsed() / n);
         }
         let hit = median(hits);
-        manager.invalidate(buf.range());
+        manager.invalidate(buf);
         manager.flush();
         println!(
             "{:>7}K {:>6} {:>12} {:>12} {:>14} {:>12} {:>11.0}x",
@@ -120,14 +95,14 @@ fn main() {
     }
 
     // RDMA WRITE round trip (post + completion) rxe1 -> rxe0 over the veth.
-    let src = Anon::new(1 << 20);
-    let dst = Anon::new(1 << 20);
+    let (_src, src) = anon(1 << 20);
+    let (_dst, dst) = anon(1 << 20);
     let peer = RdmaBackend::new(rxe0.clone(), Access::REMOTE_RW);
     // SAFETY: the mappings outlive the MRs (dropped at the end of main, before them).
     let (src_mr, dst_mr) = unsafe {
         (
-            backend.register_raw(src.range()).unwrap(),
-            peer.register_raw(dst.range()).unwrap(),
+            backend.register_raw(src).unwrap(),
+            peer.register_raw(dst).unwrap(),
         )
     };
     let (mut qp, _peer_qp) = connect_pair(&rxe1, &rxe0, 0).unwrap();
@@ -137,8 +112,8 @@ fn main() {
         for _ in 0..201 {
             let t = Instant::now();
             qp.write(
-                Local::new(&src_mr, src.ptr as usize, len as u32),
-                Remote::new(&dst_mr, dst.ptr as usize),
+                Local::new(&src_mr, src.start(), len as u32),
+                Remote::new(&dst_mr, dst.start()),
             )
             .unwrap();
             t_all.push(t.elapsed());

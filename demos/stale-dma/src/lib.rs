@@ -198,6 +198,17 @@ pub struct Notifier {
     pub manual: bool,
 }
 
+/// Adds `source` to `manager` and returns it as the setup's keep-alive value.
+fn add_source<S: umm::NotifierSource + 'static>(
+    manager: &Arc<Manager>,
+    source: Arc<S>,
+) -> Result<Box<dyn Any>, String> {
+    manager
+        .add_source(source.clone())
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(source))
+}
+
 /// Every notifier source this build knows, in table order: manual, userfaultfd (`umm-uffd`),
 /// kernel module (`umm-kmod`, needs `umm_notify.ko` loaded), interposition
 /// (`umm-interpose`, needs the hooks linked into the binary with
@@ -214,24 +225,16 @@ pub fn notifiers() -> Vec<Notifier> {
             setup: |manager| {
                 let source = umm_uffd::UffdSource::new(umm_uffd::Options::default())
                     .map_err(|e| e.to_string())?;
-                manager
-                    .add_source(source.clone())
-                    .map_err(|e| e.to_string())?;
-                Ok(Box::new(source))
+                add_source(manager, source)
             },
             manual: false,
         },
         Notifier {
             name: "kernel module",
             setup: |manager| {
-                let source =
-                    Arc::new(umm_kmod::KmodSource::open().map_err(|e| {
-                        format!("{e} (load it: insmod kmod-notifier/umm_notify.ko)")
-                    })?);
-                manager
-                    .add_source(source.clone())
-                    .map_err(|e| e.to_string())?;
-                Ok(Box::new(source))
+                let source = umm_kmod::KmodSource::open()
+                    .map_err(|e| format!("{e} (load it: insmod kmod-notifier/umm_notify.ko)"))?;
+                add_source(manager, Arc::new(source))
             },
             manual: false,
         },
@@ -240,10 +243,7 @@ pub fn notifiers() -> Vec<Notifier> {
             setup: |manager| {
                 let source =
                     umm_interpose::InterposeSource::install(manager).map_err(|e| e.to_string())?;
-                manager
-                    .add_source(source.clone())
-                    .map_err(|e| e.to_string())?;
-                Ok(Box::new(source))
+                add_source(manager, source)
             },
             manual: false,
         },

@@ -7,44 +7,6 @@ use std::time::{Duration, Instant};
 
 use umm::{Backend, Manager, Range};
 
-/// An anonymous private mapping, touched so every page is present.
-pub struct Buffer {
-    addr: usize,
-    len: usize,
-}
-
-impl Buffer {
-    pub fn new(len: usize) -> Buffer {
-        // SAFETY: a fresh anonymous mapping owned by the Buffer.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap {len} bytes");
-        Buffer {
-            addr: p as usize,
-            len,
-        }
-    }
-
-    pub fn range(&self) -> Range {
-        Range::new(self.addr, self.len).unwrap()
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -66,8 +28,13 @@ pub fn run<B: Backend>(label: &str, make: impl Fn() -> B, sizes: &[usize]) {
     println!("| size | register (us) | deregister (us) | manager miss (us) | manager hit (ns) | (reg+dereg)/hit |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for &size in sizes {
-        let buf = Buffer::new(size);
-        let range = buf.range();
+        // An anonymous private mapping, populated so every page is present.
+        let buf = memmap2::MmapOptions::new()
+            .len(size)
+            .populate()
+            .map_anon()
+            .expect("anonymous mapping");
+        let range = Range::of_slice(&buf[..]).unwrap();
         let reps = if size >= 16 << 20 { 9 } else { 51 };
         let (mut reg, mut dereg, mut miss) = (vec![], vec![], vec![]);
         for _ in 0..reps {
