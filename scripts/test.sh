@@ -20,6 +20,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings (all crates, all targets)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo doc -D warnings (broken intra-doc links, missing docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "cargo test (host: core, sources, backends; Vulkan for real on lavapipe)"
 # A missing lavapipe must fail, not skip; CUDA tests skip with a printed reason without a GPU.
 export UMM_REQUIRE_VULKAN=1
