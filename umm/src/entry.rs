@@ -344,11 +344,14 @@ impl EntryRef {
     }
 
     /// The registered range, for a holder of a reference (lock-free copy).
-    pub(crate) fn range_unlocked(&self) -> Range {
+    /// `None` only for an entry that was never published.
+    pub(crate) fn range_unlocked(&self) -> Option<Range> {
         let h = self.header();
-        let start = h.start.load(Ordering::Relaxed);
-        let end = h.end.load(Ordering::Relaxed);
-        Range::from_bounds(start, end).unwrap_or(Range::new(start, 1).expect("nonzero"))
+        Range::from_bounds(
+            h.start.load(Ordering::Relaxed),
+            h.end.load(Ordering::Relaxed),
+        )
+        .ok()
     }
 
     /// Writer-side fields.

@@ -1263,7 +1263,7 @@ impl<'m> Pin<'m> {
 
     /// The range the device registered for this pin (rounded out, possibly merged).
     pub fn registered_range(&self, device: impl Into<DeviceId>) -> Option<Range> {
-        self.hold(device.into()).map(|h| h.range_unlocked())
+        self.hold(device.into()).and_then(|h| h.range_unlocked())
     }
 
     /// Offset of the pin's first byte inside the device's registered range.
