@@ -7,7 +7,7 @@ packages=(
     # build
     build-essential pkg-config cmake clang libclang-dev
     # guest rig: Debian's kernel booted under qemu TCG with the host root over 9p
-    qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static cpio
+    qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static cpio xz-utils kmod
     # kernel style checks (checkpatch.pl comes from the kernel source tarball)
     linux-source
     # RDMA (Soft-RoCE runs in the guest; the host only needs the user-space libraries)
@@ -26,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt-get install -y -q "${missing[@]}"
 fi
 
 if ! command -v cargo >/dev/null; then
