@@ -6,19 +6,24 @@ use std::marker::PhantomData;
 use crate::backend::Backend;
 
 /// A device attached to a [`crate::Manager`]; handed out by [`crate::Manager::attach`].
+/// It names its manager too, so an id from another manager is refused, not mistaken for
+/// this manager's device of the same index.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-pub struct DeviceId(pub(crate) u32);
+pub struct DeviceId {
+    pub(crate) manager: u32,
+    pub(crate) index: u32,
+}
 
 impl DeviceId {
     /// The device's index in its manager (0, 1, 2 ... in attach order).
     pub fn index(self) -> usize {
-        self.0 as usize
+        self.index as usize
     }
 }
 
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dev#{}", self.0)
+        write!(f, "dev#{}", self.index)
     }
 }
 
@@ -26,15 +31,13 @@ impl fmt::Display for DeviceId {
 /// [`crate::Pin::translation`] returns `&B::Translation` without casts in user code.
 pub struct Device<B> {
     pub(crate) id: DeviceId,
-    pub(crate) manager: u64,
     _backend: PhantomData<fn() -> B>,
 }
 
 impl<B: Backend> Device<B> {
-    pub(crate) fn new(id: DeviceId, manager: u64) -> Self {
+    pub(crate) fn new(id: DeviceId) -> Self {
         Device {
             id,
-            manager,
             _backend: PhantomData,
         }
     }

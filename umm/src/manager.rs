@@ -53,7 +53,7 @@
 //! holder; it never returns the stale translation.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -200,13 +200,13 @@ struct SourceSlot {
     seen: AtomicU64,
 }
 
-static NEXT_MANAGER: AtomicU64 = AtomicU64::new(1);
+static NEXT_MANAGER: AtomicU32 = AtomicU32::new(1);
 
 /// One registration cache for every device of the process; see the [module docs](self).
 ///
 /// `Manager` is `Send + Sync`; share it by reference, in an `Arc`, or in a `static`.
 pub struct Manager {
-    id: u64,
+    id: u32,
     config: Config,
     devices: Box<[OnceLock<DeviceSlot>]>,
     device_count: AtomicUsize,
@@ -321,7 +321,10 @@ impl Manager {
         }
         let mut caps = backend.capabilities();
         caps.alignment = caps.alignment.max(page_size()).next_power_of_two();
-        let id = DeviceId(n as u32);
+        let id = DeviceId {
+            manager: self.id,
+            index: n as u32,
+        };
         let slot = DeviceSlot {
             id,
             name: Backend::name(&backend).to_string(),
@@ -355,14 +358,11 @@ impl Manager {
             unreachable!("device slots are filled in order under attach_lock");
         }
         self.device_count.store(n + 1, Ordering::Release);
-        Ok(Device::new(id, self.id))
+        Ok(Device::new(id))
     }
 
     /// The backend of an attached device, e.g. to submit work with its translations.
     pub fn backend<B: Backend>(&self, device: Device<B>) -> Result<&B> {
-        if device.manager != self.id {
-            return Err(Error::UnknownDevice(device.id));
-        }
         let dev = self.device(device.id)?;
         dev.backend
             .as_any()
@@ -393,9 +393,17 @@ impl Manager {
         Ok(())
     }
 
+    fn device_at(&self, index: u32) -> Result<&DeviceSlot> {
+        self.device(DeviceId {
+            manager: self.id,
+            index,
+        })
+    }
+
     fn device(&self, id: DeviceId) -> Result<&DeviceSlot> {
         self.devices
             .get(id.index())
+            .filter(|_| id.manager == self.id)
             .and_then(|d| d.get())
             .ok_or(Error::UnknownDevice(id))
     }
@@ -680,7 +688,7 @@ impl Manager {
         };
         let st = locked.st();
         if st.free.is_empty() {
-            let chunk = Chunk::new(dev.id.0);
+            let chunk = Chunk::new(dev.id.index);
             st.free.extend(chunk.entries().rev());
             st.chunks.push(chunk);
         }
@@ -1244,7 +1252,10 @@ impl<'m> Pin<'m> {
     }
 
     fn hold(&self, device: DeviceId) -> Option<&EntryRef> {
-        self.holds.iter().find(|h| h.device() == device.0)
+        if device.manager != self.manager.id {
+            return None;
+        }
+        self.holds.iter().find(|h| h.device() == device.index)
     }
 
     /// The device's translation of the registration that covers this pin, or `None` if
@@ -1252,9 +1263,6 @@ impl<'m> Pin<'m> {
     /// It describes the whole [`registered_range`](Pin::registered_range); add
     /// [`offset`](Pin::offset) to reach the pin's range.
     pub fn translation<B: Backend>(&self, device: Device<B>) -> Option<&B::Translation> {
-        if device.manager != self.manager.id {
-            return None;
-        }
         let hold = self.hold(device.id)?;
         // SAFETY: this pin holds a reference taken while the entry was LIVE.
         let t = unsafe { hold.translation() }?;
@@ -1277,7 +1285,7 @@ impl<'m> Pin<'m> {
     pub fn is_valid(&self) -> bool {
         self.manager.sync_sources();
         self.holds.iter().all(|h| {
-            let Ok(dev) = self.manager.device(DeviceId(h.device())) else {
+            let Ok(dev) = self.manager.device_at(h.device()) else {
                 return false;
             };
             if !dev.clean() {
@@ -1293,7 +1301,7 @@ impl Drop for Pin<'_> {
         let stripe = self.stripe as usize;
         for h in &self.holds {
             if h.release(stripe) {
-                if let Ok(dev) = self.manager.device(DeviceId(h.device())) {
+                if let Ok(dev) = self.manager.device_at(h.device()) {
                     self.manager.slow_release(dev, *h);
                 }
             }

@@ -435,13 +435,19 @@ fn bad_input_gets_typed_errors() {
 fn unknown_device_id_is_refused() {
     let m = Manager::default();
     let other = Manager::default();
-    let _ = other.attach(RecordingBackend::new("a")).unwrap();
+    let mine = m.attach(RecordingBackend::new("mine")).unwrap();
+    let a = other.attach(RecordingBackend::new("a")).unwrap();
     let b = other.attach(RecordingBackend::new("b")).unwrap();
     let arena = Arena::new(2);
-    assert!(matches!(
-        m.pin(arena.pages(0, 1), &[b.id()]),
-        Err(Error::UnknownDevice(id)) if id == b.id()
-    ));
+    // An index this manager does not have, and one it has (0) but from another manager.
+    for foreign in [b.id(), a.id()] {
+        assert!(matches!(
+            m.pin(arena.pages(0, 1), &[mine.id(), foreign]),
+            Err(Error::UnknownDevice(id)) if id == foreign
+        ));
+    }
+    assert_eq!(a.id().index(), mine.id().index());
+    assert_eq!(m.stats().registrations(), 0);
 }
 
 #[test]
