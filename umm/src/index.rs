@@ -5,15 +5,17 @@
 //! Measured on the project's machine (DESIGN.md section 3): a binary search over a sorted
 //! snapshot costs ~10 ns at 10^3 entries and ~100 ns with a cache miss at 10^5, an
 //! `arc-swap`ed snapshot adds two locked operations per lookup and costs O(n) per insert,
-//! while a page-table-like radix stays at 17–19 ns at every size. So hits walk a four-level
+//! while a page-table-like radix stays at 17–19 ns at every size (measured through the
+//! whole `pin` + drop: 26 ns at 1 and 10^3 entries, 29 ns at 10^5). So hits walk a four-level
 //! tree of 512-slot nodes (4 KiB pages → 36-bit page numbers → 48-bit addresses, the
 //! x86-64 and arm64 user address space); higher addresses are simply never found here and
 //! take the locked slow path.
 //!
 //! # Slots
 //!
-//! A slot holds 0 (nothing), a child node pointer (low bit clear), or an entry pointer with
-//! the low bit set, meaning "this entry covers (part of) every page of the slot's span" —
+//! A slot holds 0 (nothing), a child node pointer (low bit clear), or an entry word
+//! (`EntryRef::to_raw`: the entry's chunk address with its slot number in the low bits,
+//! bit 0 clear) with the low bit set, meaning "this entry covers (part of) every page of the slot's span" —
 //! an entry covering a whole aligned 2 MiB or 1 GiB block sits in one upper-level slot, so
 //! inserting a large registration writes O(levels × 512) slots, not one per page.
 //!
