@@ -138,7 +138,7 @@ impl CudaBackend {
         let Some(base) = registration.device_ptr else {
             return Err(bad("registered without DEVICEMAP: no device pointer"));
         };
-        if len == 0 || offset % 4 != 0 || len % 4 != 0 {
+        if len == 0 || !offset.is_multiple_of(4) || !len.is_multiple_of(4) {
             return Err(bad("offset and length must be non-zero multiples of 4"));
         }
         if !matches!(offset.checked_add(len), Some(end) if end <= size) {

@@ -277,7 +277,7 @@ impl RcQp {
                 return Ok(());
             }
             spins += 1;
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 if Instant::now() > deadline {
                     return Err(RdmaError::WorkCompletion {
                         device: self.device.name().to_string(),
