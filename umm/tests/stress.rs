@@ -126,7 +126,7 @@ fn run() {
                 let end = now();
                 log.write().push((r, start, end));
                 n += 1;
-                if n % 16 == 0 {
+                if n.is_multiple_of(16) {
                     m.flush();
                 }
                 std::thread::yield_now();

@@ -915,7 +915,7 @@ fn concurrent_watch_unwatch_munmap() -> Outcome {
                 let cookie = (t << 40) | k;
                 let m = Map::anon(8);
                 m.touch();
-                let d: &NotifyDevice = if t == 3 && k % 2 == 0 {
+                let d: &NotifyDevice = if t == 3 && k.is_multiple_of(2) {
                     own.get_or_insert_with(open)
                 } else {
                     &dev
@@ -946,13 +946,13 @@ fn concurrent_watch_unwatch_munmap() -> Outcome {
                         "thread {t}: munmap returned before the generation moved"
                     ));
                 }
-                if k % 3 == 0 {
+                if k.is_multiple_of(3) {
                     d.unwatch(cookie).ok();
                 }
                 drop(m);
                 d.unwatch(cookie).ok();
                 d.unwatch(cookie | 1 << 39).ok();
-                if t == 3 && k % 16 == 0 {
+                if t == 3 && k.is_multiple_of(16) {
                     own = None; // close with watches possibly left: release cleans up
                 }
             }
