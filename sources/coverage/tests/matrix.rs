@@ -84,6 +84,14 @@ fn no_deadlock_with_unmapping_backend_and_malloc_storms_per_source() {
     run_all("stress", "STRESS ok");
 }
 
+/// The cells of a markdown table row, trimmed.
+fn table_cells(row: &str) -> Vec<&str> {
+    row.split('|')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
 #[test]
 fn readme_table_agrees_with_the_expected_matrix() {
     let readme = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
@@ -93,11 +101,7 @@ fn readme_table_agrees_with_the_expected_matrix() {
             .lines()
             .find(|l| l.starts_with(&format!("| {} |", scen.title)))
             .unwrap_or_else(|| panic!("no row for {} in README.md", scen.title));
-        let cells: Vec<&str> = row
-            .split('|')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect();
+        let cells = table_cells(row);
         for (i, col) in EXPECTED_COLUMNS.iter().enumerate() {
             let want = table::expected(scen.id, col).unwrap();
             assert_eq!(
@@ -124,11 +128,7 @@ fn generated_table_agrees_with_the_expected_matrix() {
             .unwrap_or_else(|| panic!("no row for {} in {}", scen.title, doc.display()));
         // The guest section (if generated): every column, the kernel module's included.
         if let Some(guest) = rows.next() {
-            let cells: Vec<&str> = guest
-                .split('|')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .collect();
+            let cells = table_cells(guest);
             for (i, col) in EXPECTED_COLUMNS.iter().enumerate() {
                 let want = table::expected(scen.id, col).unwrap();
                 let caught = cells[i + 1].starts_with("caught");
@@ -141,11 +141,7 @@ fn generated_table_agrees_with_the_expected_matrix() {
                 );
             }
         }
-        let cells: Vec<&str> = row
-            .split('|')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect();
+        let cells = table_cells(row);
         for (i, col) in EXPECTED_COLUMNS.iter().enumerate() {
             if *col == "kmod" {
                 assert_eq!(cells[i + 1], table::NOT_RUN, "{}", scen.title);
