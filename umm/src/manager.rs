@@ -63,7 +63,7 @@ use smallvec::SmallVec;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, Capabilities, ErasedBackend};
 use crate::device::{Device, DeviceId};
-use crate::entry::{thread_stripe, Chunk, EntryRef, INVALID, LIVE};
+use crate::entry::{thread_stripe, Chunk, EntryRef, INVALID, KILLING, LIVE};
 use crate::error::{memlock_limit, Error, Result};
 use crate::index::RadixIndex;
 use crate::range::{page_size, Range};
@@ -1291,7 +1291,9 @@ impl<'m> Pin<'m> {
             if !dev.clean() {
                 drop(self.manager.lock(dev, false));
             }
-            h.state() == LIVE
+            // KILLING is an evictor's transient probe: it cannot succeed while we hold a
+            // reference, so the entry is still valid.
+            matches!(h.state(), LIVE | KILLING)
         })
     }
 }
