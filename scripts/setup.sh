@@ -25,8 +25,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q "${missing[@]}"
+    # A mirror hiccup should not fail a CI run: three tries, a pause between them.
+    for try in 1 2 3; do
+        if apt-get update -q && apt-get install -y -q "${missing[@]}"; then
+            break
+        fi
+        [ "$try" = 3 ] && { echo "setup: apt-get failed 3 times" >&2; exit 1; }
+        sleep 10
+    done
 fi
 
 if ! command -v cargo >/dev/null; then
