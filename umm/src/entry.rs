@@ -4,7 +4,8 @@
 //!
 //! A hit must not write a cache line that another thread's hit writes too (two threads
 //! pinning the same buffer would bounce it between cores, ~100 ns per op measured here).
-//! So the count is split into [`STRIPES`] cache-line-sized counters; a thread always uses
+//! So the count is split into [`STRIPES`] counters kept in separate per-stripe arrays (see
+//! the layout below); a thread always uses
 //! the stripe [`thread_stripe`] gave it, and a [`crate::Pin`] remembers its stripe so that
 //! it decrements the same one wherever it is dropped. The true count is the sum.
 //!
@@ -21,6 +22,11 @@
 //! any release that finds the entry not `LIVE`, goes to the device's slow release path,
 //! which re-sums under the lock: whoever sees zero last reclaims, exactly once, because the
 //! `INVALID → FREE` transition happens under the lock.
+//!
+//! An evictor's or merger's probe (`try_kill`) is the same protocol with a way back: it
+//! stores `KILLING`, and if it finds a reference it stores `LIVE` again. So `KILLING` is
+//! transient, and a holder of a reference must read it as "still valid" (it cannot be
+//! killed while held).
 //!
 //! # Memory and layout
 //!
