@@ -11,24 +11,13 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-target="${CARGO_TARGET_DIR:-$repo/target}"
-case "$target" in
-    "$repo"/*) ;; # scripts/vm keeps the repository visible in the guest, even under /tmp
-    /tmp/* | /var/tmp/* | /run/*)
-        echo "scripts/demo.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs there)" >&2
-        exit 2
-        ;;
-esac
-export CARGO_TARGET_DIR="$target"
+# shellcheck source=scripts/guest-env.sh
+. scripts/guest-env.sh
+guest_target_dir
+target="$CARGO_TARGET_DIR"
 
 bash scripts/setup.sh
-# The kernel-module row needs the module built for the kernel the guest boots.
-if kver="$(bash scripts/build-kmod.sh)"; then
-    export UMM_VM_KERNEL="$kver"
-else
-    rm -f kmod-notifier/umm_notify.ko
-    echo "warning: kmod-notifier not built: the demo's kernel-module row will be skipped" >&2
-fi
+build_kmod_optional "the demo's kernel-module row"
 echo "building demos/stale-dma..." >&2
 cargo build -q -p stale-dma --bin stale-dma
 echo "booting the guest (qemu TCG) and setting up rxe0/rxe1..." >&2

@@ -91,15 +91,10 @@ fi
 numbers=0
 [ "${1:-}" = "--numbers" ] && numbers=1
 
-target="${CARGO_TARGET_DIR:-$repo/target}"
-case "$target" in
-    "$repo"/*) ;; # scripts/vm keeps the repository visible in the guest, even under /tmp
-    /tmp/* | /var/tmp/* | /run/*)
-        echo "scripts/test-rdma.sh: CARGO_TARGET_DIR=$target is invisible in the guest (tmpfs there)" >&2
-        exit 2
-        ;;
-esac
-export CARGO_TARGET_DIR="$target"
+# shellcheck source=scripts/guest-env.sh
+. "$repo/scripts/guest-env.sh"
+guest_target_dir
+target="$CARGO_TARGET_DIR"
 
 mkdir -p "$target"
 out="$(mktemp -d "$target/rdma-vm.XXXXXX")"
@@ -107,14 +102,7 @@ trap 'rm -rf "$out"' EXIT
 list="$out/binaries"
 
 t0=$(date +%s)
-# The kernel module for the stale-DMA demo's kernel-module row, for the kernel scripts/vm
-# boots. Optional here: without it that row is skipped.
-if kver="$(bash scripts/build-kmod.sh)"; then
-    export UMM_VM_KERNEL="$kver"
-else
-    rm -f kmod-notifier/umm_notify.ko
-    echo "warning: kmod-notifier not built: the stale-DMA kernel-module row will be skipped" >&2
-fi
+build_kmod_optional "the stale-DMA kernel-module row"
 echo "building the RDMA tests (target $target)..."
 cargo build -p stale-dma --bins
 # Test harnesses only (they live in deps/), not examples or binaries.

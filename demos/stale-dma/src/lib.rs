@@ -456,19 +456,18 @@ pub fn run(rig: &Rig, mode: &Mode<'_>) -> Result<Outcome, DemoError> {
             let nic = manager.attach(backend)?;
             let b = map_file(f1.fd, None)?;
             let range = Range::new(b, LEN)?;
-            let first = {
+            // Pin B through umm, then send what is mapped at B now with that translation.
+            let send_pinned = |at: usize| -> Result<_, DemoError> {
                 let pin = manager.pin(range, &[nic.id()])?;
-                rig.send(pin.translation(nic).expect("pinned on nic"), b)?
+                rig.send(pin.translation(nic).expect("pinned on nic"), at)
             };
+            let first = send_pinned(b)?;
             unmap(b)?;
             if notifier.manual {
                 manager.invalidate(range);
             }
             let b2 = map_file(f2.fd, Some(b))?;
-            let second = {
-                let pin = manager.pin(range, &[nic.id()])?;
-                rig.send(pin.translation(nic).expect("pinned on nic"), b2)?
-            };
+            let second = send_pinned(b2)?;
             manager.flush();
             let s = manager.stats();
             let d = s.device(nic).expect("attached");

@@ -7,7 +7,6 @@
 //! Runs in the guest (scripts/test-rdma.sh loads the module and sets up rxe); elsewhere it
 //! prints why it is skipped.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use umm::testing::RecordingBackend;
@@ -15,22 +14,10 @@ use umm::{Manager, Range};
 use umm_rdma::{Access, DeviceSelector, RdmaBackend, RdmaDevice};
 use umm_vulkan::{pattern_bytes, DeviceSelector as VkSelector, VulkanBackend};
 
-/// The number of MRs the kernel holds on `dev`, from `rdma resource show`.
-fn kernel_mr_count(dev: &str) -> u64 {
-    let out = Command::new("rdma")
-        .args(["resource", "show"])
-        .output()
-        .expect("running `rdma resource show`");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.split_whitespace().nth(1).map(|w| w.trim_end_matches(':')) == Some(dev))
-        .find_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let i = w.iter().position(|x| *x == "mr")?;
-            w.get(i + 1)?.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no mr count for {dev} in `rdma resource show`: {text}"))
-}
+// The Soft-RoCE tests' helpers (the kernel's MR count from `rdma resource show`).
+#[path = "../../../backends/rdma/tests/common/mod.rs"]
+mod rdma_common;
+use rdma_common::kernel_mr_count;
 
 #[test]
 fn one_munmap_deregisters_nic_gpu_and_recorder_once() {
