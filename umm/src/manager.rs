@@ -1125,7 +1125,7 @@ impl Manager {
                     .sum();
                 let c = &dev.counters;
                 DeviceStats {
-                    id: Some(dev.id),
+                    id: dev.id,
                     name: dev.name.clone(),
                     hits,
                     misses: c.misses.load(Ordering::Relaxed),

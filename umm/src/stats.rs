@@ -3,10 +3,10 @@
 use crate::device::DeviceId;
 
 /// Counters of one device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceStats {
     /// The device.
-    pub id: Option<DeviceId>,
+    pub id: DeviceId,
     /// The backend's name.
     pub name: String,
     /// Pins of this device served from the cache (no backend call).
@@ -52,7 +52,7 @@ impl Stats {
     /// The counters of one device.
     pub fn device(&self, id: impl Into<DeviceId>) -> Option<&DeviceStats> {
         let id = id.into();
-        self.devices.iter().find(|d| d.id == Some(id))
+        self.devices.iter().find(|d| d.id == id)
     }
 
     /// Sum of hits over all devices.
