@@ -119,6 +119,46 @@ pub enum Error {
         #[source]
         source: BackendError,
     },
+    /// A notifier source cannot see an operation that could make this range stale (for
+    /// example userfaultfd and a hole punched in a shared memory file), so umm refuses to
+    /// pin it rather than risk a stale translation. Pin such memory with a source that sees
+    /// the operation (the kernel module), or turn the source's strict mode off to accept
+    /// the risk.
+    #[error(
+        "refusing to pin {range}: it is {mapping}, and notifier source {source_name} cannot \
+         see {operation} there (a registration could go stale unnoticed)"
+    )]
+    Uncovered {
+        /// The source's name.
+        source_name: String,
+        /// The range that was to be registered.
+        range: Range,
+        /// What kind of mapping it is.
+        mapping: &'static str,
+        /// The operation the source cannot see.
+        operation: &'static str,
+    },
+    /// A notifier source refused to be added to this manager (for example because it
+    /// already serves another manager and cannot deliver its events to both).
+    #[error("notifier source {source_name} cannot be added to this manager")]
+    Source {
+        /// The source's name.
+        source_name: String,
+        /// Why the source refused.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The manager was created by the parent of this forked process. Its registrations
+    /// and notifier sources belong to the parent (a child calling them would act on the
+    /// parent's devices and watches), so a child gets nothing from it: create a new
+    /// manager in the child.
+    #[error(
+        "this manager belongs to the parent process (pid {parent}); create a new one after fork"
+    )]
+    ForkedChild {
+        /// The pid of the process that created the manager.
+        parent: u32,
+    },
     /// A notifier source could not watch the range, so the registration would go stale
     /// unnoticed; the registration was undone.
     #[error("notifier source {source_name} cannot watch {range}")]

@@ -207,6 +207,8 @@ static NEXT_MANAGER: AtomicU32 = AtomicU32::new(1);
 /// `Manager` is `Send + Sync`; share it by reference, in an `Arc`, or in a `static`.
 pub struct Manager {
     id: u32,
+    /// Who created the manager: a fork child's copy refuses to work (see [`Error::ForkedChild`]).
+    owner: crate::fork::Owner,
     config: Config,
     devices: Box<[OnceLock<DeviceSlot>]>,
     device_count: AtomicUsize,
@@ -290,6 +292,7 @@ impl Manager {
     pub fn new(config: Config) -> Manager {
         Manager {
             id: NEXT_MANAGER.fetch_add(1, Ordering::Relaxed),
+            owner: crate::fork::Owner::current(),
             config,
             devices: (0..MAX_DEVICES).map(|_| OnceLock::new()).collect(),
             device_count: AtomicUsize::new(0),
@@ -305,6 +308,11 @@ impl Manager {
             invalidations: AtomicU64::new(0),
             invalidate_alls: AtomicU64::new(0),
         }
+    }
+
+    /// This manager's identity, as given to [`NotifierSource::attach`].
+    pub fn id(&self) -> crate::source::ManagerId {
+        crate::source::ManagerId(self.id)
     }
 
     /// The configuration.
@@ -373,10 +381,16 @@ impl Manager {
     /// Adds a notifier source. It is asked to watch every registration made from now on
     /// (registrations made before are not watched: add sources before pinning).
     pub fn add_source(&self, source: Arc<dyn NotifierSource>) -> Result<()> {
+        self.owner.check()?;
         let mut sources = self.sources.write();
+        source.attach(self.id()).map_err(|e| Error::Source {
+            source_name: source.name().to_string(),
+            source: e,
+        })?;
         if source.generation().is_some() {
             let n = self.gen_count.load(Ordering::Acquire);
             if n >= MAX_SOURCES {
+                source.detach(self.id());
                 return Err(Error::TooManySources { max: MAX_SOURCES });
             }
             let slot = SourceSlot {
@@ -428,6 +442,7 @@ impl Manager {
                 });
             }
         }
+        self.owner.check()?;
         self.sync_sources();
         let stripe = thread_stripe();
         let mut pin = Pin {
@@ -516,6 +531,7 @@ impl Manager {
                 return Ok(e);
             }
         }
+        self.owner.check_pid()?;
         dev.counters.misses.fetch_add(1, Ordering::Relaxed);
         if self.config.check_mapped && !is_mapped(&want) {
             return Err(Error::Unmapped { range: want });
@@ -730,10 +746,19 @@ impl Manager {
                 for s in &sources[..i] {
                     s.unwatch(cookie, target);
                 }
-                return Err(Error::Watch {
-                    source_name: s.name().to_string(),
-                    range: target,
-                    source,
+                let source_name = s.name().to_string();
+                return Err(match source.downcast::<crate::source::Uncovered>() {
+                    Ok(u) => Error::Uncovered {
+                        source_name,
+                        range: u.range,
+                        mapping: u.mapping,
+                        operation: u.operation,
+                    },
+                    Err(source) => Error::Watch {
+                        source_name,
+                        range: target,
+                        source,
+                    },
                 });
             }
         }
@@ -879,7 +904,8 @@ impl Manager {
 
     /// Deregisters every doomed entry and recycles it. Calls the backend.
     fn reap(&self, dev: &DeviceSlot, st: &mut DeviceState) {
-        if st.doomed.is_empty() {
+        if st.doomed.is_empty() || self.owner.check_pid().is_err() {
+            // (In a fork child the registrations are the parent's: never deregister them.)
             return;
         }
         let sources = self.sources.read().clone();
@@ -1176,6 +1202,15 @@ impl InvalidationSink for Manager {
 
 impl Drop for Manager {
     fn drop(&mut self) {
+        // Sources first, while the manager is whole: hooks stop calling it.
+        let id = self.id();
+        for s in self.sources.get_mut().iter() {
+            s.detach(id);
+        }
+        if self.owner.check_pid().is_err() {
+            // A fork child's copy: the registrations are the parent's. Leave them alone.
+            return;
+        }
         // No pin can exist (they borrow the manager): deregister everything still held.
         for dev in self.each_device() {
             let mut st = dev.state.lock();

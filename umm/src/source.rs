@@ -4,6 +4,38 @@ use std::sync::atomic::AtomicU64;
 
 use crate::range::Range;
 
+/// Identifies one [`crate::Manager`] in this process (see [`crate::Manager::id`]); given
+/// to [`NotifierSource::attach`] and [`NotifierSource::detach`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerId(pub(crate) u32);
+
+impl std::fmt::Display for ManagerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "manager#{}", self.0)
+    }
+}
+
+/// The error a source returns from [`NotifierSource::watch`] when it cannot see an
+/// operation that could replace the pages of `range` (fail safe: a registration it cannot
+/// protect must not be made). The manager turns it into [`crate::Error::Uncovered`].
+///
+/// ```
+/// use umm::{source::Uncovered, Range};
+/// let range = Range::new(0x10000, 0x1000).unwrap();
+/// let e = Uncovered { range, mapping: "a MAP_SHARED shmem mapping", operation: "fallocate(PUNCH_HOLE)" };
+/// assert!(e.to_string().contains("fallocate(PUNCH_HOLE)"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{range} is {mapping}; this source cannot see {operation} there")]
+pub struct Uncovered {
+    /// The range that was to be watched.
+    pub range: Range,
+    /// What kind of mapping it is ("a MAP_SHARED shmem mapping", "a file mapping", ...).
+    pub mapping: &'static str,
+    /// The operation the source cannot see ("fallocate(PUNCH_HOLE)", "shmat(SHM_REMAP)"...).
+    pub operation: &'static str,
+}
+
 /// Where a [`NotifierSource`] delivers what it learned. Implemented by [`crate::Manager`].
 ///
 /// Both methods are allocation-free in their recording step, never wait for a lock that a
@@ -49,6 +81,24 @@ pub trait InvalidationSink: Send + Sync {
 pub trait NotifierSource: Send + Sync {
     /// A short name for logs and errors.
     fn name(&self) -> &str;
+
+    /// Called once by [`crate::Manager::add_source`] before the source is used. A source
+    /// that can serve only one manager (its events would otherwise reach only whichever
+    /// manager drains first) refuses a second one here; the manager then fails
+    /// `add_source` with [`crate::Error::Source`]. The default accepts every manager.
+    fn attach(&self, manager: ManagerId) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let _ = manager;
+        Ok(())
+    }
+
+    /// Called once when the manager the source was attached to is dropped, first thing,
+    /// while the manager is still whole: after it returns the source must never call that
+    /// manager again (a hook must wait here for its in-flight calls on other threads).
+    /// Also called in a fork child's copy of a manager: the source must then touch nothing
+    /// it shares with the parent (kernel objects, fds).
+    fn detach(&self, manager: ManagerId) {
+        let _ = manager;
+    }
 
     /// Start reporting changes of `range` under `cookie`. An error makes the manager undo
     /// the registration and fail the `pin` with [`crate::Error::Watch`].
