@@ -43,6 +43,9 @@ pub(super) struct DeviceState {
     /// Entries of earlier eras (invalidated wholesale in O(1) by `invalidate_all` or a
     /// queue overflow), still to be unlinked; cleaned a slice at a time.
     pub old: EntryMap,
+    /// The LRU and parked maps of earlier eras, emptied a slice at a time (dropping a
+    /// large map at once would hold the lock for O(n)).
+    pub old_lru: BTreeMap<u64, EntryRef>,
     /// Invalidated (or merged away) entries still referenced by pins.
     pub stale: BTreeMap<u64, EntryRef>,
     /// Entries with no reference left, waiting for their deregistration.
@@ -141,6 +144,7 @@ impl DeviceSlot {
                 parked: BTreeMap::new(),
                 lru_next: 0,
                 old: BTreeMap::new(),
+                old_lru: BTreeMap::new(),
                 stale: BTreeMap::new(),
                 doomed: Vec::new(),
                 inflight: None,
@@ -273,7 +277,7 @@ impl<'a> Locked<'a> {
             }
         }
         dev.owes_work.store(
-            !st.doomed.is_empty() || !st.old.is_empty(),
+            !st.doomed.is_empty() || !st.old.is_empty() || !st.old_lru.is_empty(),
             Ordering::Relaxed,
         );
     }

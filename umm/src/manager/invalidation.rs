@@ -11,7 +11,7 @@ use super::Manager;
 
 /// Old-era entries unlinked per lock acquisition (bounded so bulk invalidation never holds
 /// a device's lock for long).
-pub(super) const OLD_SLICE: usize = 4096;
+pub(super) const OLD_SLICE: usize = 1024;
 
 /// Entries of `map` overlapping `range`.
 pub(super) fn overlapping(map: &EntryMap, max_len: usize, range: &Range) -> Vec<EntryRef> {
@@ -141,10 +141,14 @@ impl Manager {
         }
         dev.era.fetch_add(1, Ordering::SeqCst);
         let n = st.live.len() as u64;
+        // `append` into an empty map is a swap; the LRU and parked maps are not dropped
+        // here (that is O(n)) but emptied a slice at a time with the old entries.
         let mut live = std::mem::take(&mut st.live);
         st.old.append(&mut live);
-        st.lru.clear();
-        st.parked.clear();
+        let mut lru = std::mem::take(&mut st.lru);
+        let mut parked = std::mem::take(&mut st.parked);
+        st.old_lru.append(&mut lru);
+        st.old_lru.append(&mut parked);
         dev.counters
             .invalidated_entries
             .fetch_add(n, Ordering::Relaxed);
@@ -155,6 +159,11 @@ impl Manager {
     /// Unlinks up to `budget` old-era entries (invalidated wholesale): each becomes
     /// `INVALID`, leaves the index, and is doomed or kept stale until its pins drop.
     pub(super) fn clean_old(&self, dev: &DeviceSlot, st: &mut DeviceState, budget: usize) {
+        for _ in 0..budget {
+            if st.old_lru.pop_first().is_none() {
+                break;
+            }
+        }
         for _ in 0..budget {
             let Some((_, e)) = st.old.pop_first() else {
                 return;
