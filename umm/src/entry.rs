@@ -129,6 +129,13 @@ struct StripeArray {
     _pad: [u64; 8],
 }
 
+/// What a registration hands to its holders: immutable while any reference is held.
+pub(crate) struct Published {
+    /// The registration's id (the cookie its sources watch), unique per manager.
+    pub id: u64,
+    pub translation: ErasedTranslation,
+}
+
 /// [`CHUNK`] entries, by field (see the module docs).
 #[repr(align(4096))]
 pub(crate) struct Chunk {
@@ -140,7 +147,7 @@ pub(crate) struct Chunk {
     /// Written only while the entry is `FREE` and unreferenced (publication) or being
     /// reclaimed with no references left; read through a [`crate::Pin`] that holds a
     /// reference taken while `LIVE`.
-    translations: [UnsafeCell<Option<ErasedTranslation>>; CHUNK],
+    translations: [UnsafeCell<Option<Published>>; CHUNK],
     /// Guarded by the device's writer lock.
     writers: [UnsafeCell<WriterSide>; CHUNK],
 }
@@ -362,7 +369,7 @@ impl EntryRef {
         debug_assert_eq!(self.state(), FREE);
         // SAFETY: caller guarantees no reader; the writer lock serialises writers.
         unsafe {
-            *self.chunk().translations[self.slot()].get() = Some(translation);
+            *self.chunk().translations[self.slot()].get() = Some(Published { id, translation });
             let w = self.writer();
             w.range = range;
             w.id = id;
@@ -386,14 +393,14 @@ impl EntryRef {
     pub(crate) unsafe fn retire(&self) -> Option<ErasedTranslation> {
         self.set_state(FREE);
         // SAFETY: no reference is held, so no Pin reads the translation (caller's contract).
-        unsafe { (*self.chunk().translations[self.slot()].get()).take() }
+        unsafe { (*self.chunk().translations[self.slot()].get()).take() }.map(|p| p.translation)
     }
 
-    /// The translation, for a [`crate::Pin`] that holds a reference.
+    /// The registration id and translation, for a [`crate::Pin`] that holds a reference.
     ///
     /// # Safety
     /// The caller holds a reference taken while the entry was `LIVE`.
-    pub(crate) unsafe fn translation(&self) -> Option<&ErasedTranslation> {
+    pub(crate) unsafe fn published(&self) -> Option<&Published> {
         // SAFETY: no writer runs while a reference is held (caller's contract).
         unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }
     }

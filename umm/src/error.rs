@@ -32,7 +32,11 @@ pub enum Error {
         range: Range,
     },
     /// The device id is not attached to this manager (or belongs to another one).
-    #[error("unknown device {0}")]
+    #[error(
+        "device {0} is not attached to this manager (it was attached to {m}; use the \
+         DeviceId returned by this manager's attach)",
+        m = .0.manager()
+    )]
     UnknownDevice(DeviceId),
     /// The same device was named twice in one `pin`, or more than [`crate::MAX_PIN_DEVICES`].
     #[error("bad device list: {reason}")]

@@ -86,3 +86,49 @@ impl Stats {
         self.devices.iter().map(|d| d.deregistrations).sum()
     }
 }
+
+/// A table, one line per device:
+///
+/// ```text
+/// umm stats: 3 invalidations, 0 invalidate-all, 1 partial hits
+///   device          hits  misses    regs  deregs   inval   evict  cached  registered
+///   nic (dev#0)        2       1       1       1       1       0       0         0 B
+/// ```
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "umm stats: {} invalidations, {} invalidate-all, {} partial hits",
+            self.invalidations, self.invalidate_all, self.partial_hits
+        )?;
+        writeln!(
+            f,
+            "  {:<20} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>12}",
+            "device", "hits", "misses", "regs", "deregs", "inval", "evict", "cached", "registered"
+        )?;
+        for d in &self.devices {
+            writeln!(
+                f,
+                "  {:<20} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} B{}",
+                d.id.to_string(),
+                d.hits,
+                d.misses,
+                d.registrations,
+                d.deregistrations,
+                d.invalidated_entries,
+                d.evictions,
+                d.cached_entries,
+                d.registered_bytes,
+                if d.deregistration_errors > 0 || d.queue_overflows > 0 {
+                    format!(
+                        "  ({} failed deregistrations, {} queue overflows)",
+                        d.deregistration_errors, d.queue_overflows
+                    )
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -493,3 +493,38 @@ fn a_fork_child_gets_nothing_from_the_parents_manager() {
     );
     assert!(m.pin(fake(0, 1), &[d.id()]).unwrap().is_valid());
 }
+
+// Issue 14: an owned pin, registration ids, names in errors, a readable Display.
+#[test]
+fn owned_pins_registration_ids_and_readable_errors() {
+    let m = Arc::new(Manager::new(unchecked()));
+    let nic = m.attach(RecordingBackend::new("rxe0")).unwrap();
+    let r = fake(0, 2);
+    let owned = std::thread::spawn({
+        let m = m.clone();
+        move || m.pin_owned(r, &[nic.id()]).unwrap()
+    })
+    .join()
+    .unwrap();
+    let hit = m.pin(r, &[nic.id()]).unwrap();
+    let first = owned.registration_id(nic);
+    assert!(first.is_some());
+    assert_eq!(
+        hit.registration_id(nic),
+        first,
+        "a hit shares the registration"
+    );
+    drop((hit, owned));
+    m.invalidate(r);
+    let fresh = m.pin(r, &[nic.id()]).unwrap();
+    assert_ne!(fresh.registration_id(nic), first, "registered afresh");
+    let other = Manager::default();
+    let e = other.pin(r, &[nic.id()]).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("rxe0") && text.contains("not attached to this manager"),
+        "{text}"
+    );
+    let table = m.stats().to_string();
+    assert!(table.contains("rxe0 (dev#0)"), "{table}");
+}

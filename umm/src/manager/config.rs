@@ -33,6 +33,9 @@ pub struct Config {
     /// library without a cache; `UMM_CACHE=0`, like `UCX_RCACHE_ENABLE=n`). Concurrent
     /// pins of one range still share its registration. Default: true.
     pub cache: bool,
+    /// Print the [`crate::Stats`] to standard error when the manager is dropped (as Open
+    /// MPI's `rcache_grdma_print_stats`; `UMM_STATS=1`). Default: false.
+    pub stats_at_exit: bool,
 }
 
 impl Default for Config {
@@ -43,6 +46,7 @@ impl Default for Config {
             busy_timeout: Duration::from_millis(200),
             check_mapped: true,
             cache: true,
+            stats_at_exit: false,
         }
     }
 }
@@ -115,6 +119,9 @@ impl Config {
         }
         if let Some(v) = lookup("UMM_CHECK_MAPPED") {
             c.check_mapped = parse_bool(&v).ok_or_else(|| bad("UMM_CHECK_MAPPED", &v, "1 or 0"))?;
+        }
+        if let Some(v) = lookup("UMM_STATS") {
+            c.stats_at_exit = parse_bool(&v).ok_or_else(|| bad("UMM_STATS", &v, "1 or 0"))?;
         }
         if let Some(v) = lookup("UMM_CACHE") {
             c.cache = parse_bool(&v).ok_or_else(|| bad("UMM_CACHE", &v, "1 or 0"))?;

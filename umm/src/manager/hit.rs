@@ -1,6 +1,8 @@
 //! [`Manager::pin`]: the lock-free hit, and the [`Pin`] it returns.
 
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
@@ -121,28 +123,68 @@ impl Manager {
     }
 }
 
-/// A range pinned on one or more devices; see [`Manager::pin`].
+/// A range pinned on one or more devices; see [`Manager::pin`] ([`Pin`], which borrows
+/// the manager) and [`Manager::pin_owned`] ([`OwnedPin`], which keeps it alive).
 ///
 /// While the pin lives, each device keeps its registration of the range (even if the
 /// range is invalidated meanwhile: the registration holds its pages until the last pin
-/// drops, so device I/O through it stays memory-safe, and [`Pin::is_valid`] says whether
-/// it still describes what is mapped). Dropping it is one atomic decrement per device.
-pub struct Pin<'m> {
-    manager: &'m Manager,
+/// drops, so device I/O through it stays memory-safe, and [`is_valid`](Pinned::is_valid)
+/// says whether it still describes what is mapped). Dropping it is one atomic decrement
+/// per device.
+pub struct Pinned<M: Deref<Target = Manager>> {
+    manager: M,
     range: Range,
     stripe: u8,
     /// One entry per device (an entry knows its device).
     holds: SmallVec<[EntryRef; 4]>,
 }
 
-// SAFETY: a Pin holds references to entries whose counters are atomics and whose
-// translations are immutable while referenced; dropping it from another thread is the same
-// atomic decrement on the stripe it recorded.
-unsafe impl Send for Pin<'_> {}
-// SAFETY: shared access only reads immutable translations and atomic states.
-unsafe impl Sync for Pin<'_> {}
+/// A pin that borrows its manager: the cheapest form (no reference count traffic), for
+/// I/O that completes while the manager is in scope.
+pub type Pin<'m> = Pinned<&'m Manager>;
 
-impl std::fmt::Debug for Pin<'_> {
+/// A pin that owns a reference to its manager (`Arc<Manager>`): `'static`, so it can be
+/// stored until an asynchronous completion arrives. See [`Manager::pin_owned`].
+pub type OwnedPin = Pinned<Arc<Manager>>;
+
+impl Manager {
+    /// [`Manager::pin`], returning a pin that keeps the manager alive: keep it with the
+    /// work request and drop it when the device reports the completion.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use std::sync::Arc;
+    /// use umm::{Manager, OwnedPin, Range, testing::RecordingBackend};
+    ///
+    /// let manager = Arc::new(Manager::default());
+    /// let nic = manager.attach(RecordingBackend::new("nic")).unwrap();
+    /// let buf = vec![7u8; 8192];
+    /// let mut in_flight: HashMap<u64, OwnedPin> = HashMap::new(); // by work-request id
+    /// let pin = manager.pin_owned(Range::of_slice(&buf).unwrap(), &[nic.id()]).unwrap();
+    /// let _key = pin.translation(nic).unwrap(); // post the send with it ...
+    /// in_flight.insert(1, pin);                   // ... and keep the pin with the request
+    /// // Later, on the completion of work request 1:
+    /// drop(in_flight.remove(&1));
+    /// ```
+    pub fn pin_owned(self: &Arc<Self>, range: Range, devices: &[DeviceId]) -> Result<OwnedPin> {
+        let mut pin = self.pin(range, devices)?;
+        Ok(Pinned {
+            manager: self.clone(),
+            range: pin.range,
+            stripe: pin.stripe,
+            holds: std::mem::take(&mut pin.holds),
+        })
+    }
+}
+
+// SAFETY: a pin holds references to entries whose counters are atomics and whose
+// translations are immutable while referenced; dropping it from another thread is the same
+// atomic decrement on the stripe it recorded. The manager handle is `Send` when `M` is.
+unsafe impl<M: Deref<Target = Manager> + Send> Send for Pinned<M> {}
+// SAFETY: shared access only reads immutable translations and atomic states.
+unsafe impl<M: Deref<Target = Manager> + Sync> Sync for Pinned<M> {}
+
+impl<M: Deref<Target = Manager>> std::fmt::Debug for Pinned<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pin")
             .field("range", &self.range)
@@ -158,7 +200,7 @@ impl std::fmt::Debug for Pin<'_> {
     }
 }
 
-impl<'m> Pin<'m> {
+impl<M: Deref<Target = Manager>> Pinned<M> {
     /// The range that was asked for (registrations cover at least this).
     pub fn range(&self) -> Range {
         self.range
@@ -173,13 +215,23 @@ impl<'m> Pin<'m> {
 
     /// The device's translation of the registration that covers this pin, or `None` if
     /// the pin does not include that device (or the handle is from another manager).
-    /// It describes the whole [`registered_range`](Pin::registered_range); add
-    /// [`offset`](Pin::offset) to reach the pin's range.
+    /// It describes the whole [`registered_range`](Pinned::registered_range); add
+    /// [`offset`](Pinned::offset) to reach the pin's range.
     pub fn translation<B: Backend>(&self, device: Device<B>) -> Option<&B::Translation> {
         let hold = self.hold(device.id)?;
         // SAFETY: this pin holds a reference taken while the entry was LIVE.
-        let t = unsafe { hold.translation() }?;
-        t.downcast_ref::<B::Translation>()
+        let p = unsafe { hold.published() }?;
+        p.translation.downcast_ref::<B::Translation>()
+    }
+
+    /// Which registration of the device serves this pin: unique per registration in this
+    /// manager, so two pins with the same id share one registration (a cache hit), and a
+    /// different id means the range was registered afresh. Comparing translations instead
+    /// can mislead (a backend may reuse handle values).
+    pub fn registration_id(&self, device: impl Into<DeviceId>) -> Option<u64> {
+        let hold = self.hold(device.into())?;
+        // SAFETY: this pin holds a reference taken while the entry was LIVE.
+        unsafe { hold.published() }.map(|p| p.id)
     }
 
     /// The range the device registered for this pin (rounded out, possibly merged).
@@ -198,12 +250,13 @@ impl<'m> Pin<'m> {
     /// inside a backend call of one of the pin's devices, it answers conservatively
     /// (false) when an invalidation is pending there, since it cannot apply it.
     pub fn is_valid(&self) -> bool {
-        self.manager.sync_sources();
+        let manager: &Manager = &self.manager;
+        manager.sync_sources();
         self.holds.iter().all(|h| {
-            let Ok(dev) = self.manager.device_at(h.device()) else {
+            let Ok(dev) = manager.device_at(h.device()) else {
                 return false;
             };
-            if !dev.clean() && Locked::lock(self.manager, dev, false).is_err() {
+            if !dev.clean() && Locked::lock(manager, dev, false).is_err() {
                 return false;
             }
             h.holds_valid(dev.era())
@@ -211,14 +264,15 @@ impl<'m> Pin<'m> {
     }
 }
 
-impl Drop for Pin<'_> {
+impl<M: Deref<Target = Manager>> Drop for Pinned<M> {
     fn drop(&mut self) {
+        let manager: &Manager = &self.manager;
         let stripe = self.stripe as usize;
         for h in &self.holds {
             let not_live = h.release(stripe);
-            if let Ok(dev) = self.manager.device_at(h.device()) {
-                if not_live || dev.over_limit.load(Ordering::Relaxed) {
-                    self.manager.slow_release(dev, *h);
+            if let Ok(dev) = manager.device_at(h.device()) {
+                if not_live || dev.over_limit.load(Ordering::SeqCst) {
+                    manager.slow_release(dev, *h);
                 }
             }
         }

@@ -100,7 +100,7 @@ mod reclaim;
 mod registrar;
 
 pub use config::{Config, ENV_VARS};
-pub use hit::Pin;
+pub use hit::{OwnedPin, Pin, Pinned};
 pub use reclaim::Reaper;
 
 use device::DeviceSlot;
@@ -206,6 +206,7 @@ impl Manager {
             index: n as u32,
         };
         let name = Backend::name(&backend).to_string();
+        crate::device::set_name(id, &name);
         tracing::debug!(device = %id, %name, ?caps, "attached device");
         let slot = DeviceSlot::new(id, name, caps, Box::new(backend));
         if self.devices[n].set(slot).is_err() {
@@ -337,6 +338,9 @@ impl Drop for Manager {
         for s in self.sources.get_mut().iter() {
             s.detach(id);
         }
+        if self.config.stats_at_exit {
+            eprintln!("umm: {} at exit:\n{}", self.id(), self.stats());
+        }
         if self.owner.check_pid().is_err() {
             // A fork child's copy: the registrations are the parent's. Leave them alone.
             return;
@@ -360,5 +364,6 @@ impl Drop for Manager {
             st.parked.clear();
             self.reap(dev, &mut st);
         }
+        crate::device::forget_names(self.id);
     }
 }
