@@ -64,5 +64,5 @@ pub use manager::{
     Config, Manager, OwnedPin, Pin, Pinned, Reaper, MAX_DEVICES, MAX_PIN_DEVICES, MAX_SOURCES,
 };
 pub use range::{page_size, Range};
-pub use source::{InvalidationSink, ManagerId, NotifierSource, Uncovered};
+pub use source::{IntoSource, InvalidationSink, ManagerId, NotifierSource, Uncovered};
 pub use stats::{DeviceStats, Stats};

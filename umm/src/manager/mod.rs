@@ -227,8 +227,10 @@ impl Manager {
 
     /// Adds a notifier source. It is asked to watch every registration made from now on
     /// (registrations made before are not watched: add sources before pinning). A source
-    /// may refuse to serve a second manager ([`Error::Source`]).
-    pub fn add_source(&self, source: Arc<dyn NotifierSource>) -> Result<()> {
+    /// may refuse to serve a second manager ([`Error::Source`]). Takes the source by
+    /// value or in an `Arc` (see [`crate::source::IntoSource`]).
+    pub fn add_source(&self, source: impl crate::source::IntoSource) -> Result<()> {
+        let source = source.into_source();
         self.owner.check()?;
         let mut sources = self.sources.write();
         source.attach(self.id()).map_err(|e| Error::Source {
