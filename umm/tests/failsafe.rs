@@ -528,3 +528,12 @@ fn owned_pins_registration_ids_and_readable_errors() {
     let table = m.stats().to_string();
     assert!(table.contains("rxe0 (dev#0)"), "{table}");
 }
+
+// The user documentation lists every variable Config::from_env reads.
+#[test]
+fn docs_configuration_lists_every_environment_variable() {
+    let doc = include_str!("../../docs/configuration.md");
+    for (name, _) in umm::manager::ENV_VARS {
+        assert!(doc.contains(&format!("`{name}`")), "docs/configuration.md lacks {name}");
+    }
+}
