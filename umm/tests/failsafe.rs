@@ -534,6 +534,9 @@ fn owned_pins_registration_ids_and_readable_errors() {
 fn docs_configuration_lists_every_environment_variable() {
     let doc = include_str!("../../docs/configuration.md");
     for (name, _) in umm::manager::ENV_VARS {
-        assert!(doc.contains(&format!("`{name}`")), "docs/configuration.md lacks {name}");
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "docs/configuration.md lacks {name}"
+        );
     }
 }

@@ -131,8 +131,9 @@ pub struct Manager {
     devices: Box<[OnceLock<DeviceSlot>]>,
     device_count: AtomicUsize,
     attach_lock: Mutex<()>,
-    /// Every source, for watch/unwatch on the miss path.
-    sources: RwLock<Vec<Arc<dyn NotifierSource>>>,
+    /// Every source, for watch/unwatch on the miss path: a snapshot a miss clones with one
+    /// reference-count increment (replaced whole by `add_source`).
+    sources: RwLock<Arc<[Arc<dyn NotifierSource>]>>,
     /// Sources with a generation counter, checked by every hit.
     gen_sources: Box<[OnceLock<SourceSlot>]>,
     gen_ptrs: Box<[AtomicPtr<AtomicU64>]>,
@@ -169,7 +170,7 @@ impl Manager {
             devices: (0..MAX_DEVICES).map(|_| OnceLock::new()).collect(),
             device_count: AtomicUsize::new(0),
             attach_lock: Mutex::new(()),
-            sources: RwLock::new(Vec::new()),
+            sources: RwLock::new(Arc::new([])),
             gen_sources: (0..MAX_SOURCES).map(|_| OnceLock::new()).collect(),
             gen_ptrs: (0..MAX_SOURCES)
                 .map(|_| AtomicPtr::new(std::ptr::null_mut()))
@@ -253,7 +254,7 @@ impl Manager {
             self.gen_count.store(n + 1, Ordering::Release);
         }
         tracing::debug!(source = source.name(), "added notifier source");
-        sources.push(source);
+        *sources = sources.iter().cloned().chain([source]).collect();
         Ok(())
     }
 

@@ -324,7 +324,7 @@ impl Manager {
             range: target,
             made: 0,
         };
-        for s in &sources {
+        for s in sources.iter() {
             if let Err(source) = s.watch(cookie, target) {
                 let source_name = s.name().to_string();
                 return Err(match source.downcast::<Uncovered>() {
