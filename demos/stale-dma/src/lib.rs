@@ -223,8 +223,14 @@ pub fn notifiers() -> Vec<Notifier> {
         Notifier {
             name: "userfaultfd",
             setup: |manager| {
-                let source = umm_uffd::UffdSource::new(umm_uffd::Options::default())
-                    .map_err(|e| e.to_string())?;
+                // Non-strict: the demo's buffers are tmpfs files mapped MAP_SHARED, which
+                // strict mode refuses (userfaultfd cannot see a hole punched in them); the
+                // demo's own operations (munmap + mmap over the range) it does see.
+                let source = umm_uffd::UffdSource::new(umm_uffd::Options {
+                    strict: false,
+                    ..umm_uffd::Options::default()
+                })
+                .map_err(|e| e.to_string())?;
                 add_source(manager, source)
             },
             manual: false,
