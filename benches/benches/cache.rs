@@ -23,7 +23,7 @@ fn hit(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("umm", n), &n, |b, _| {
             b.iter(|| {
                 k += 1;
-                black_box(m.pin(w.range(w.pick(k)), &[dev]).unwrap());
+                black_box(m.pin(w.range(w.pick(k)), &[dev.id()]).unwrap());
             })
         });
         let lin = LinearCache::new(&w);
@@ -65,7 +65,7 @@ fn two_threads(c: &mut Criterion) {
                         s.spawn(move || {
                             for k in 0..iters as usize {
                                 let i = if same { 7 } else { w.pick(k * 2 + t) };
-                                black_box(m.pin(w.range(i), &[dev]).unwrap());
+                                black_box(m.pin(w.range(i), &[dev.id()]).unwrap());
                             }
                         });
                     }
@@ -89,7 +89,7 @@ fn miss_and_invalidate(c: &mut Criterion) {
             for k in 0..iters as usize {
                 let r = w.gap(w.pick(k));
                 let t = Instant::now();
-                black_box(m.pin(r, &[dev]).unwrap());
+                black_box(m.pin(r, &[dev.id()]).unwrap());
                 total += t.elapsed();
                 m.invalidate(r);
                 m.flush();
@@ -102,7 +102,7 @@ fn miss_and_invalidate(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for k in 0..iters as usize {
                 let r = w.gap(w.pick(k));
-                drop(m.pin(r, &[dev]).unwrap());
+                drop(m.pin(r, &[dev.id()]).unwrap());
                 let t = Instant::now();
                 m.invalidate(r);
                 total += t.elapsed();

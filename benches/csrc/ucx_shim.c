@@ -4,9 +4,17 @@
 #include <stddef.h>
 #include <ucs/memory/rcache.h>
 
+/* What a real user keeps after UCX's region (an lkey, a device pointer): the harness
+ * reads it on every hit, as umm's harness reads the translation. */
+struct shim_region {
+	ucs_rcache_region_t super;
+	uint64_t key;
+};
+
 static ucs_status_t shim_reg(void *ctx, ucs_rcache_t *rc, void *arg,
 			     ucs_rcache_region_t *region, uint16_t flags)
 {
+	((struct shim_region *)region)->key = region->super.start ^ 0x5a;
 	return UCS_OK;
 }
 
@@ -30,7 +38,7 @@ static const ucs_rcache_ops_t shim_ops = {
 void *umm_ucx_create(unsigned long max_regions)
 {
 	ucs_rcache_params_t p = {
-		.region_struct_size = sizeof(ucs_rcache_region_t),
+		.region_struct_size = sizeof(struct shim_region),
 		.alignment = 4096,
 		.max_alignment = 4096,
 		.ucm_events = 0, /* no memory hooks: cache overhead only */
@@ -67,4 +75,18 @@ void umm_ucx_put(void *rc, void *region)
 void umm_ucx_destroy(void *rc)
 {
 	ucs_rcache_destroy(rc);
+}
+
+uint64_t umm_ucx_region_key(void *region)
+{
+	return ((struct shim_region *)region)->key;
+}
+
+static void shim_invalidated(void *arg)
+{
+}
+
+void umm_ucx_invalidate(void *rc, void *region)
+{
+	ucs_rcache_region_invalidate(rc, region, shim_invalidated, NULL);
 }

@@ -18,7 +18,7 @@ fn main() {
         let (m, dev) = w.umm_manager();
         let t = Instant::now();
         for k in 0..ops {
-            black_box(m.pin(w.range(w.pick(k)), &[dev]).unwrap());
+            black_box(m.pin(w.range(w.pick(k)), &[dev.id()]).unwrap());
         }
         println!(
             "{n} entries: {:.1} ns/hit",

@@ -9,21 +9,21 @@
 //! * [`LockedBTreeCache`]: a `Mutex<BTreeMap>` keyed by start address, the obvious
 //!   thread-safe cache;
 //! * [`UcxCache`]: UCX's `ucs_rcache` through a small C shim (cache overhead only: its
-//!   registration callback does nothing, like umm's recording backend).
+//!   registration callback does nothing but store a key after the region, like umm's
+//!   [`NullBackend`]).
 //!
 //! ```
 //! let w = umm_benches::Workload::new(16);
 //! let (m, dev) = w.umm_manager();
-//! let p = m.pin(w.range(3), &[dev]).unwrap();
-//! assert!(p.is_valid());
+//! let p = m.pin(w.range(3), &[dev.id()]).unwrap();
+//! assert_eq!(*p.translation(dev).unwrap(), w.range(3).start() as u64 ^ 0x5a);
 //! ```
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
-use umm::testing::RecordingBackend;
-use umm::{Config, DeviceId, Manager, Range};
+use umm::{Backend, BackendError, Capabilities, Config, Device, Manager, Range};
 
 /// Page size of the workload.
 pub const PAGE: usize = 4096;
@@ -97,21 +97,55 @@ impl Workload {
         self.order[k % self.order.len()] as usize
     }
 
-    /// A manager with one recording device holding every entry of the workload.
-    pub fn umm_manager(&self) -> (Manager, DeviceId) {
+    /// A manager with one do-nothing device ([`NullBackend`]) holding every entry of the
+    /// workload.
+    pub fn umm_manager(&self) -> (Manager, Device<NullBackend>) {
         let m = Manager::new(Config {
             max_cached_entries: 4 * self.n + 16,
             ..Config::default()
         });
-        let dev = m
-            .attach(RecordingBackend::new("bench"))
-            .expect("attach")
-            .id();
+        let dev = m.attach(NullBackend).expect("attach");
         for i in 0..self.n {
-            drop(m.pin(self.range(i), &[dev]).expect("populate"));
+            drop(m.pin(self.range(i), &[dev.id()]).expect("populate"));
         }
         (m, dev)
     }
+}
+
+/// A device whose registration does nothing and whose translation is a key derived from
+/// the address (as UCX's shim stores one after its region): the harness measures cache
+/// overhead only, and reads the translation on every hit as a user does.
+pub struct NullBackend;
+
+impl Backend for NullBackend {
+    type Translation = u64;
+
+    fn name(&self) -> &str {
+        "null"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    fn register(&self, range: Range) -> Result<u64, BackendError> {
+        Ok(range.start() as u64 ^ 0x5a)
+    }
+
+    fn deregister(&self, _range: Range, _t: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// This process's resident set size in bytes.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * PAGE as u64
 }
 
 impl Drop for Workload {
@@ -204,6 +238,8 @@ mod ucx {
         fn umm_ucx_get(rc: *mut c_void, addr: *mut c_void, len: usize) -> *mut c_void;
         fn umm_ucx_put(rc: *mut c_void, region: *mut c_void);
         fn umm_ucx_destroy(rc: *mut c_void);
+        fn umm_ucx_region_key(region: *mut c_void) -> u64;
+        fn umm_ucx_invalidate(rc: *mut c_void, region: *mut c_void);
     }
 
     /// A region held from [`UcxCache::get`] until [`UcxCache::put`].
@@ -220,14 +256,16 @@ mod ucx {
     unsafe impl Sync for UcxCache {}
 
     impl UcxCache {
-        /// A cache holding every entry of `w`, or `None` if UCX refused to create one.
-        pub fn new(w: &super::Workload) -> Option<UcxCache> {
+        /// An empty cache, or `None` if UCX refused to create one.
+        pub fn empty() -> Option<UcxCache> {
             // SAFETY: plain constructor call of the shim.
             let rc = unsafe { umm_ucx_create(u32::MAX as _) };
-            if rc.is_null() {
-                return None;
-            }
-            let c = UcxCache { rc };
+            (!rc.is_null()).then_some(UcxCache { rc })
+        }
+
+        /// A cache holding every entry of `w`, or `None` if UCX refused to create one.
+        pub fn new(w: &super::Workload) -> Option<UcxCache> {
+            let c = UcxCache::empty()?;
             for i in 0..w.len() {
                 let region = c.get(w.range(i))?;
                 c.put(region);
@@ -241,6 +279,20 @@ mod ucx {
             // SAFETY: rc is a live cache; the shim only records the address range.
             let region = unsafe { umm_ucx_get(self.rc, r.start() as *mut c_void, r.len()) };
             (!region.is_null()).then_some(UcxRegion(region))
+        }
+
+        /// The key the (no-op) registration stored after UCX's region: what a user reads
+        /// on every hit (an lkey, a device pointer).
+        #[inline]
+        pub fn key(&self, region: &UcxRegion) -> u64 {
+            // SAFETY: a region held from get() on this cache.
+            unsafe { umm_ucx_region_key(region.0) }
+        }
+
+        /// `ucs_rcache_region_invalidate` of a held region (the cache's unmap path).
+        pub fn invalidate(&self, region: &UcxRegion) {
+            // SAFETY: a region held from get() on this cache; it stays valid until put.
+            unsafe { umm_ucx_invalidate(self.rc, region.0) }
         }
 
         /// `ucs_rcache_region_put`.
