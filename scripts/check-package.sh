@@ -79,7 +79,7 @@ for p in meta["packages"]:
         if not p.get(field):
             bad.append(f"{name}: no {field}")
     if "example.invalid" in (p.get("repository") or ""):
-        bad.append(f"{name}: placeholder repository {p[\"repository\"]}")
+        bad.append(name + ": placeholder repository " + p["repository"])
     if not p.get("keywords"):
         bad.append(f"{name}: no keywords")
     if not p.get("categories"):
@@ -90,7 +90,7 @@ for p in meta["packages"]:
         bad.append(f"{name}: no [package.metadata.docs.rs]")
     for d in p["dependencies"]:
         if d.get("path") and d.get("kind") != "dev" and d.get("req") in (None, "*"):
-            bad.append(f"{name}: path dependency {d[\"name\"]} has no version")
+            bad.append(name + ": path dependency " + d["name"] + " has no version")
 for missing in sorted(libs - seen):
     bad.append(f"{missing}: library crate not in the workspace")
 for b in bad:
@@ -130,16 +130,27 @@ package() {
     for l in "${libs[@]}"; do
         local crate="$target/package/$l-$(cargo pkgid -p "$l" | sed 's/.*[#@]//').crate"
         [ -f "$crate" ] || { echo "  missing $crate"; return 1; }
-        # Both licence texts travel with every crate.
-        tar -tzf "$crate" | grep -q '/LICENSE-MIT$' || { echo "  $l: no LICENSE-MIT in the .crate"; return 1; }
-        tar -tzf "$crate" | grep -q '/LICENSE-APACHE$' || { echo "  $l: no LICENSE-APACHE in the .crate"; return 1; }
-        tar -tzf "$crate" | grep -q '/README.md$' || { echo "  $l: no README.md in the .crate"; return 1; }
+        # Both licence texts and a readme travel with every crate.
+        local files f
+        files="$(tar -tzf "$crate")"
+        for f in LICENSE-MIT LICENSE-APACHE README.md; do
+            grep -qx "[^/]*/$f" <<<"$files" || { echo "  $l: no $f in the .crate"; return 1; }
+        done
     done
     echo "  ${#libs[@]} .crate files with LICENSE-MIT, LICENSE-APACHE and README.md"
 }
 
 publish_dry_run() {
-    cargo publish "${package_args[@]}" --dry-run --no-verify --locked "${dirty[@]}"
+    local log rc=0
+    log="$(mktemp)"
+    cargo publish "${package_args[@]}" --dry-run --no-verify --locked "${dirty[@]}" 2>&1 | tee "$log" || rc=1
+    # A dry run only warns when a name is taken; the real upload would be refused.
+    if grep -q 'already exists on crates.io index' "$log"; then
+        echo "  NOTE: $(grep -o 'crate [^ ]* already exists on crates.io index' "$log" | sort -u | paste -sd ';' -)"
+        echo "  (a name owned by someone else on crates.io: publishing needs another package name)"
+    fi
+    rm -f "$log"
+    return "$rc"
 }
 
 outside_project() {
