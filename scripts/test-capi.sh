@@ -6,8 +6,10 @@
 # On the host:
 #   1. cargo test -p umm-capi: include/umm.h is what cbindgen generates from the source.
 #   2. capi/tests/c/test_callbacks.c (callback devices: hit, invalidate, re-register, errors,
-#      two devices, destroy with a pin held, threads, fork) compiled with cc -Werror against
-#      umm.h and linked twice: with libumm.so and with libumm.a; both run.
+#      two devices, destroy with a pin held, threads, fork) and capi/tests/c/test_vulkan.c
+#      (a VkDevice the program created, on lavapipe) compiled with cc -Werror against umm.h
+#      and linked twice: with libumm.so and with libumm.a; all run. capi/tests/c/test_cuda.c
+#      (a CUcontext; without a driver only the missing-driver error) with libumm.so.
 #   3. scripts/install-capi.sh into a temporary prefix, then capi/examples/hello_umm.c
 #      built from a fresh directory with `pkg-config --cflags --libs umm` and run.
 # In the guest (skipped with --host-only or UMM_SKIP_GUEST=1): capi/tests/c/test_verbs.c
@@ -111,6 +113,20 @@ step "cc test_callbacks.c (shared)" build_shared capi/tests/c/test_callbacks.c "
 step "cc test_callbacks.c (static)" build_static capi/tests/c/test_callbacks.c "$out/test_callbacks_static" -lpthread
 [ -x "$out/test_callbacks_shared" ] && run test_callbacks_shared "$out/test_callbacks_shared"
 [ -x "$out/test_callbacks_static" ] && run test_callbacks_static "$out/test_callbacks_static"
+
+# A Vulkan device the program created (lavapipe here; scripts/setup.sh installs it and
+# libvulkan-dev). A SKIP (no driver) counts as a failure, as in scripts/test.sh.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+export UMM_REQUIRE_VULKAN=1
+step "cc test_vulkan.c (shared)" build_shared capi/tests/c/test_vulkan.c "$out/test_vulkan_shared" -lvulkan
+step "cc test_vulkan.c (static)" build_static capi/tests/c/test_vulkan.c "$out/test_vulkan_static" -lvulkan
+[ -x "$out/test_vulkan_shared" ] && run test_vulkan_shared "$out/test_vulkan_shared"
+[ -x "$out/test_vulkan_static" ] && run test_vulkan_static "$out/test_vulkan_static"
+
+# A CUcontext the program owns: without a CUDA driver only the missing-driver error is
+# checked (the program prints a note); with one, the GPU part runs.
+step "cc test_cuda.c (shared)" build_shared capi/tests/c/test_cuda.c "$out/test_cuda_shared" -ldl
+[ -x "$out/test_cuda_shared" ] && run test_cuda_shared "$out/test_cuda_shared"
 
 # A fresh C project: install into a prefix, build the example with pkg-config elsewhere.
 prefix="$out/prefix"

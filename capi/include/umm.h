@@ -68,7 +68,8 @@ typedef enum umm_status_t {
   UMM_ERR_DEVICE_BUSY = 10,
   // Invalidations kept racing with the registration of this range.
   UMM_ERR_UNSTABLE = 11,
-  // The device's registration failed (the message has the device's own error).
+  // The device's registration failed, or the device cannot be used (the message has the
+  // device's own error).
   UMM_ERR_BACKEND = 12,
   // A notifier source cannot protect this kind of memory, so umm refuses to pin it.
   UMM_ERR_UNCOVERED = 13,
@@ -92,6 +93,10 @@ typedef enum umm_device_kind_t {
   UMM_DEVICE_CALLBACKS = 0,
   // A verbs protection domain (`umm_attach_verbs_pd`): `lkey` and `rkey` are set.
   UMM_DEVICE_VERBS = 1,
+  // A Vulkan device (`umm_attach_vulkan`): `vk_memory` and `vk_buffer` are set.
+  UMM_DEVICE_VULKAN = 2,
+  // A CUDA context (`umm_attach_cuda_context`): `cuda_device_ptr` is set.
+  UMM_DEVICE_CUDA = 3,
 } umm_device_kind_t;
 
 // A manager: one registration cache for every device of the process (normally one per
@@ -168,6 +173,15 @@ typedef struct umm_translation_t {
   uint32_t lkey;
   // `UMM_DEVICE_VERBS`: the MR's remote key (the MR's address is `registered_addr`).
   uint32_t rkey;
+  // `UMM_DEVICE_VULKAN`: the imported `VkDeviceMemory` (a non-dispatchable handle)
+  // covering the registered range from its offset 0.
+  uint64_t vk_memory;
+  // `UMM_DEVICE_VULKAN`: a `VkBuffer` bound over all of `vk_memory` (storage, transfer
+  // source and destination usage); the pinned range starts at `offset` in it.
+  uint64_t vk_buffer;
+  // `UMM_DEVICE_CUDA`: the device pointer of `registered_addr`
+  // (`cuMemHostGetDevicePointer`); the pinned range is at `cuda_device_ptr + offset`.
+  uint64_t cuda_device_ptr;
 } umm_translation_t;
 
 // Totals over all devices of a manager, from `umm_stats`.
@@ -230,9 +244,9 @@ const char *umm_last_error(void);
 // The library version ("0.1.0"). A static string.
 const char *umm_version(void);
 
-// Creates a manager and stores it in `*out`. Its cache limits come from the environment
-// (see docs/c-api.md). It has no notifier source: the application reports unmaps with
-// `umm_invalidate` (from its munmap/free hooks, as MPI libraries already do).
+// Creates a manager and stores it in `*out`, with umm's default cache limits (see
+// docs/c-api.md, "Configuration"). It has no notifier source: the application reports
+// unmaps with `umm_invalidate` (from its munmap/free hooks, as MPI libraries do).
 // Thread-safe; release it with `umm_manager_destroy`.
 enum umm_status_t umm_manager_create(struct umm_manager_t **out);
 
@@ -261,6 +275,35 @@ enum umm_status_t umm_attach_verbs_pd(struct umm_manager_t *manager,
                                       void *pd,
                                       int access,
                                       umm_device_t *out);
+
+// Attaches the CUDA context `ctx` (a `CUcontext` the application created or retained;
+// umm never destroys it) and stores the device handle in `*out`. Registrations use
+// `cuMemHostRegister` with `CU_MEMHOSTREGISTER_DEVICEMAP | CU_MEMHOSTREGISTER_PORTABLE`
+// and the translation's `cuda_device_ptr` is the device pointer of the registered range.
+// CUDA refuses overlapping host registrations, so umm merges overlapping and adjacent
+// pins of this device into one registration. The context must stay alive until the
+// manager is destroyed and its last pin released. Fails with `UMM_ERR_BACKEND` without a
+// CUDA driver (the message says so) and `UMM_ERR_UNSUPPORTED` when the library was built
+// without CUDA. Thread-safe.
+enum umm_status_t umm_attach_cuda_context(struct umm_manager_t *manager,
+                                          void *ctx,
+                                          umm_device_t *out);
+
+// Attaches a Vulkan device the application created and owns and stores its handle in
+// `*out`: `instance` (a `VkInstance`), `physical` (the `VkPhysicalDevice` the device was
+// created from) and `device` (a `VkDevice` created with the `VK_EXT_external_memory_host`
+// extension enabled; Vulkan 1.1). Each registration imports the range as host memory and
+// binds a `VkBuffer` over it (`vk_memory`, `vk_buffer` in the translation); umm frees
+// them on deregistration and never destroys the three handles, which must stay alive
+// until the manager is destroyed and its last pin released. umm submits nothing to the
+// device's queues. Fails with `UMM_ERR_BACKEND` (message says why) when the device lacks
+// the extension, and `UMM_ERR_UNSUPPORTED` when the library was built without Vulkan.
+// Thread-safe.
+enum umm_status_t umm_attach_vulkan(struct umm_manager_t *manager,
+                                    void *instance,
+                                    void *physical,
+                                    void *device,
+                                    umm_device_t *out);
 
 // The device's name ("rxe0", the name given to `umm_attach_callbacks`), or NULL for an
 // unknown device. Owned by the manager: valid while the manager is. Thread-safe.

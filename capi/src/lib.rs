@@ -3,7 +3,8 @@
 //! `libumm.so` / `libumm.a` and the header `include/umm.h` (generated from this file by
 //! cbindgen; `tests/header.rs` fails when the checked-in copy differs). One manager caches
 //! registrations for every device of a C program: verbs protection domains the program
-//! allocated itself (`umm_attach_verbs_pd`) or any device behind a table of
+//! allocated itself (`umm_attach_verbs_pd`), CUDA contexts (`umm_attach_cuda_context`),
+//! Vulkan devices it created (`umm_attach_vulkan`) or any device behind a table of
 //! register/deregister callbacks (`umm_attach_callbacks`). `umm_pin` returns the
 //! translation; `umm_invalidate` is what the program's unmap hooks call.
 //!
@@ -56,7 +57,8 @@ pub enum umm_status_t {
     UMM_ERR_DEVICE_BUSY = 10,
     /// Invalidations kept racing with the registration of this range.
     UMM_ERR_UNSTABLE = 11,
-    /// The device's registration failed (the message has the device's own error).
+    /// The device's registration failed, or the device cannot be used (the message has the
+    /// device's own error).
     UMM_ERR_BACKEND = 12,
     /// A notifier source cannot protect this kind of memory, so umm refuses to pin it.
     UMM_ERR_UNCOVERED = 13,
@@ -102,6 +104,10 @@ pub enum umm_device_kind_t {
     UMM_DEVICE_CALLBACKS = 0,
     /// A verbs protection domain (`umm_attach_verbs_pd`): `lkey` and `rkey` are set.
     UMM_DEVICE_VERBS = 1,
+    /// A Vulkan device (`umm_attach_vulkan`): `vk_memory` and `vk_buffer` are set.
+    UMM_DEVICE_VULKAN = 2,
+    /// A CUDA context (`umm_attach_cuda_context`): `cuda_device_ptr` is set.
+    UMM_DEVICE_CUDA = 3,
 }
 
 /// A device's translation of a pin, as returned by `umm_pin_translation`.
@@ -125,6 +131,15 @@ pub struct umm_translation_t {
     pub lkey: u32,
     /// `UMM_DEVICE_VERBS`: the MR's remote key (the MR's address is `registered_addr`).
     pub rkey: u32,
+    /// `UMM_DEVICE_VULKAN`: the imported `VkDeviceMemory` (a non-dispatchable handle)
+    /// covering the registered range from its offset 0.
+    pub vk_memory: u64,
+    /// `UMM_DEVICE_VULKAN`: a `VkBuffer` bound over all of `vk_memory` (storage, transfer
+    /// source and destination usage); the pinned range starts at `offset` in it.
+    pub vk_buffer: u64,
+    /// `UMM_DEVICE_CUDA`: the device pointer of `registered_addr`
+    /// (`cuMemHostGetDevicePointer`); the pinned range is at `cuda_device_ptr + offset`.
+    pub cuda_device_ptr: u64,
 }
 
 /// Registers `[addr, addr + len)` with the device: returns 0 and stores the device's
@@ -248,6 +263,10 @@ enum DevKind {
     Callbacks(Device<CallbackBackend>),
     #[cfg(feature = "verbs")]
     Verbs(Device<umm_rdma::RawPdBackend>),
+    #[cfg(feature = "vulkan")]
+    Vulkan(Device<umm_vulkan::VulkanBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(Device<umm_cuda::CudaBackend>),
 }
 
 impl Inner {
@@ -266,6 +285,10 @@ impl Inner {
             DevKind::Callbacks(t) => DevKindCopy::Callbacks(*t),
             #[cfg(feature = "verbs")]
             DevKind::Verbs(t) => DevKindCopy::Verbs(*t),
+            #[cfg(feature = "vulkan")]
+            DevKind::Vulkan(t) => DevKindCopy::Vulkan(*t),
+            #[cfg(feature = "cuda")]
+            DevKind::Cuda(t) => DevKindCopy::Cuda(*t),
         };
         Ok((d.id, kind))
     }
@@ -293,6 +316,10 @@ enum DevKindCopy {
     Callbacks(Device<CallbackBackend>),
     #[cfg(feature = "verbs")]
     Verbs(Device<umm_rdma::RawPdBackend>),
+    #[cfg(feature = "vulkan")]
+    Vulkan(Device<umm_vulkan::VulkanBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(Device<umm_cuda::CudaBackend>),
 }
 
 /// A failure on its way to C: the status and the full message.
@@ -566,7 +593,7 @@ pub extern "C" fn umm_strerror(status: umm_status_t) -> *const c_char {
         S::UMM_ERR_MEMLOCK => c"UMM_ERR_MEMLOCK: out of pinnable memory (RLIMIT_MEMLOCK or a device limit)",
         S::UMM_ERR_DEVICE_BUSY => c"UMM_ERR_DEVICE_BUSY: an overlapping registration is still pinned on a device that refuses overlaps",
         S::UMM_ERR_UNSTABLE => c"UMM_ERR_UNSTABLE: invalidations kept racing with the registration",
-        S::UMM_ERR_BACKEND => c"UMM_ERR_BACKEND: the device's registration failed",
+        S::UMM_ERR_BACKEND => c"UMM_ERR_BACKEND: the device failed (registration) or cannot be used (attach)",
         S::UMM_ERR_UNCOVERED => c"UMM_ERR_UNCOVERED: a notifier source cannot protect this memory",
         S::UMM_ERR_SOURCE => c"UMM_ERR_SOURCE: a notifier source refused the manager or the range",
         S::UMM_ERR_FORKED_CHILD => c"UMM_ERR_FORKED_CHILD: manager of the parent process; create a new one after fork",
@@ -598,9 +625,9 @@ pub extern "C" fn umm_version() -> *const c_char {
     VERSION.as_ptr()
 }
 
-/// Creates a manager and stores it in `*out`. Its cache limits come from the environment
-/// (see docs/c-api.md). It has no notifier source: the application reports unmaps with
-/// `umm_invalidate` (from its munmap/free hooks, as MPI libraries already do).
+/// Creates a manager and stores it in `*out`, with umm's default cache limits (see
+/// docs/c-api.md, "Configuration"). It has no notifier source: the application reports
+/// unmaps with `umm_invalidate` (from its munmap/free hooks, as MPI libraries do).
 /// Thread-safe; release it with `umm_manager_destroy`.
 #[no_mangle]
 pub unsafe extern "C" fn umm_manager_create(out: *mut *mut umm_manager_t) -> umm_status_t {
@@ -752,6 +779,130 @@ fn attach_verbs(
     ))
 }
 
+/// Attaches the CUDA context `ctx` (a `CUcontext` the application created or retained;
+/// umm never destroys it) and stores the device handle in `*out`. Registrations use
+/// `cuMemHostRegister` with `CU_MEMHOSTREGISTER_DEVICEMAP | CU_MEMHOSTREGISTER_PORTABLE`
+/// and the translation's `cuda_device_ptr` is the device pointer of the registered range.
+/// CUDA refuses overlapping host registrations, so umm merges overlapping and adjacent
+/// pins of this device into one registration. The context must stay alive until the
+/// manager is destroyed and its last pin released. Fails with `UMM_ERR_BACKEND` without a
+/// CUDA driver (the message says so) and `UMM_ERR_UNSUPPORTED` when the library was built
+/// without CUDA. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn umm_attach_cuda_context(
+    manager: *mut umm_manager_t,
+    ctx: *mut c_void,
+    out: *mut umm_device_t,
+) -> umm_status_t {
+    guard(|| {
+        // SAFETY: the caller passes a live manager (or NULL).
+        let m = unsafe { manager_ref(manager) }?;
+        if ctx.is_null() {
+            return Err(Failure::null("ctx"));
+        }
+        if out.is_null() {
+            return Err(Failure::null("out"));
+        }
+        attach_cuda(m, ctx, out)
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn attach_cuda(m: &umm_manager_t, ctx: *mut c_void, out: *mut umm_device_t) -> Result<(), Failure> {
+    // SAFETY: the header's contract: a live CUcontext of this process that outlives the
+    // manager and its pins.
+    let backend = unsafe {
+        umm_cuda::CudaBackend::from_context(ctx.cast(), umm_cuda::HostRegisterFlags::default())
+    }
+    .map_err(|e| Failure::new(umm_status_t::UMM_ERR_BACKEND, chain(&e)))?;
+    let dev = m.inner.attach(backend, DevKind::Cuda)?;
+    // SAFETY: checked non-null by the caller of this function.
+    unsafe { write_out(out, dev, "out") }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn attach_cuda(_: &umm_manager_t, _: *mut c_void, _: *mut umm_device_t) -> Result<(), Failure> {
+    Err(Failure::new(
+        umm_status_t::UMM_ERR_UNSUPPORTED,
+        "this libumm was built without the `cuda` feature",
+    ))
+}
+
+/// Attaches a Vulkan device the application created and owns and stores its handle in
+/// `*out`: `instance` (a `VkInstance`), `physical` (the `VkPhysicalDevice` the device was
+/// created from) and `device` (a `VkDevice` created with the `VK_EXT_external_memory_host`
+/// extension enabled; Vulkan 1.1). Each registration imports the range as host memory and
+/// binds a `VkBuffer` over it (`vk_memory`, `vk_buffer` in the translation); umm frees
+/// them on deregistration and never destroys the three handles, which must stay alive
+/// until the manager is destroyed and its last pin released. umm submits nothing to the
+/// device's queues. Fails with `UMM_ERR_BACKEND` (message says why) when the device lacks
+/// the extension, and `UMM_ERR_UNSUPPORTED` when the library was built without Vulkan.
+/// Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn umm_attach_vulkan(
+    manager: *mut umm_manager_t,
+    instance: *mut c_void,
+    physical: *mut c_void,
+    device: *mut c_void,
+    out: *mut umm_device_t,
+) -> umm_status_t {
+    guard(|| {
+        // SAFETY: the caller passes a live manager (or NULL).
+        let m = unsafe { manager_ref(manager) }?;
+        for (p, what) in [
+            (instance, "instance"),
+            (physical, "physical"),
+            (device, "device"),
+        ] {
+            if p.is_null() {
+                return Err(Failure::null(what));
+            }
+        }
+        if out.is_null() {
+            return Err(Failure::null("out"));
+        }
+        attach_vulkan(m, instance, physical, device, out)
+    })
+}
+
+#[cfg(feature = "vulkan")]
+fn attach_vulkan(
+    m: &umm_manager_t,
+    instance: *mut c_void,
+    physical: *mut c_void,
+    device: *mut c_void,
+    out: *mut umm_device_t,
+) -> Result<(), Failure> {
+    use ash::vk::{self, Handle};
+    // SAFETY: the header's contract: live handles of this process's loader that belong
+    // together and outlive the manager and its pins (dispatchable handles are pointers).
+    let backend = unsafe {
+        umm_vulkan::VulkanBackend::from_raw(
+            vk::Instance::from_raw(instance as u64),
+            vk::PhysicalDevice::from_raw(physical as u64),
+            vk::Device::from_raw(device as u64),
+        )
+    }
+    .map_err(|e| Failure::new(umm_status_t::UMM_ERR_BACKEND, chain(&e)))?;
+    let dev = m.inner.attach(backend, DevKind::Vulkan)?;
+    // SAFETY: checked non-null by the caller of this function.
+    unsafe { write_out(out, dev, "out") }
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn attach_vulkan(
+    _: &umm_manager_t,
+    _: *mut c_void,
+    _: *mut c_void,
+    _: *mut c_void,
+    _: *mut umm_device_t,
+) -> Result<(), Failure> {
+    Err(Failure::new(
+        umm_status_t::UMM_ERR_UNSUPPORTED,
+        "this libumm was built without the `vulkan` feature",
+    ))
+}
+
 /// The device's name ("rxe0", the name given to `umm_attach_callbacks`), or NULL for an
 /// unknown device. Owned by the manager: valid while the manager is. Thread-safe.
 #[no_mangle]
@@ -889,6 +1040,21 @@ pub unsafe extern "C" fn umm_pin_translation(
                 t.rkey = mr.rkey;
                 t.registered_addr = mr.addr;
                 t.registered_len = mr.len as u64;
+            }
+            #[cfg(feature = "vulkan")]
+            DevKindCopy::Vulkan(d) => {
+                use ash::vk::Handle;
+                let import = p.pin.translation(d).ok_or_else(not_pinned)?;
+                t.kind = umm_device_kind_t::UMM_DEVICE_VULKAN as c_int;
+                t.vk_memory = import.memory.as_raw();
+                t.vk_buffer = import.buffer.as_raw();
+                t.offset += import.offset;
+            }
+            #[cfg(feature = "cuda")]
+            DevKindCopy::Cuda(d) => {
+                let reg = p.pin.translation(d).ok_or_else(not_pinned)?;
+                t.kind = umm_device_kind_t::UMM_DEVICE_CUDA as c_int;
+                t.cuda_device_ptr = reg.device_ptr.unwrap_or(0);
             }
         }
         // SAFETY: checked non-null above; writable by the caller's contract.
