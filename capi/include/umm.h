@@ -85,6 +85,13 @@ typedef enum umm_status_t {
   UMM_ERR_PANIC = 18,
   // Any other failure (the message says what).
   UMM_ERR_OTHER = 19,
+  // A `UMM_*` environment variable has a malformed value (the message names it and
+  // what it expects; see docs/configuration.md).
+  UMM_ERR_CONFIG = 20,
+  // A callback called umm for its own device (a device's callbacks must not call umm).
+  UMM_ERR_REENTRANT = 21,
+  // About 2^23 pins of one registration are held at once (leaked pins?); counts never wrap.
+  UMM_ERR_TOO_MANY_PINS = 22,
 } umm_status_t;
 
 // Which kind of backend a device is, and so which fields of `umm_translation_t` are set.
@@ -167,6 +174,9 @@ typedef struct umm_translation_t {
   uint64_t registered_len;
   // Offset of the pinned range's first byte inside the registered range.
   uint64_t offset;
+  // Identifies the registration: the same value on a hit, a new one after a fresh
+  // registration (compare it rather than handles, which drivers may reuse).
+  uint64_t registration_id;
   // `UMM_DEVICE_CALLBACKS`: the value the register callback stored.
   uint64_t opaque;
   // `UMM_DEVICE_VERBS`: the MR's local key.
@@ -244,8 +254,9 @@ const char *umm_last_error(void);
 // The library version ("0.1.0"). A static string.
 const char *umm_version(void);
 
-// Creates a manager and stores it in `*out`, with umm's default cache limits (see
-// docs/c-api.md, "Configuration"). It has no notifier source: the application reports
+// Creates a manager and stores it in `*out`, configured by the `UMM_*` environment
+// variables (cache limits, cache off, stats at exit: docs/configuration.md; a malformed
+// value fails with `UMM_ERR_CONFIG` naming it). It has no notifier source: the application reports
 // unmaps with `umm_invalidate` (from its munmap/free hooks, as MPI libraries do).
 // Thread-safe; release it with `umm_manager_destroy`.
 enum umm_status_t umm_manager_create(struct umm_manager_t **out);

@@ -24,7 +24,9 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, RwLock};
 
-use umm::{Backend, BackendError, Capabilities, Config, Device, DeviceId, Manager, Pin, Range};
+use umm::{
+    Backend, BackendError, Capabilities, Config, Device, DeviceId, Manager, OwnedPin, Range,
+};
 
 /// Status codes: `UMM_OK` (0) or the reason a call failed. `umm_strerror` names each one;
 /// `umm_last_error` gives the full message of the calling thread's last failure.
@@ -74,6 +76,13 @@ pub enum umm_status_t {
     UMM_ERR_PANIC = 18,
     /// Any other failure (the message says what).
     UMM_ERR_OTHER = 19,
+    /// A `UMM_*` environment variable has a malformed value (the message names it and
+    /// what it expects; see docs/configuration.md).
+    UMM_ERR_CONFIG = 20,
+    /// A callback called umm for its own device (a device's callbacks must not call umm).
+    UMM_ERR_REENTRANT = 21,
+    /// About 2^23 pins of one registration are held at once (leaked pins?); counts never wrap.
+    UMM_ERR_TOO_MANY_PINS = 22,
 }
 
 /// A manager: one registration cache for every device of the process (normally one per
@@ -88,8 +97,7 @@ pub struct umm_manager_t {
 /// the registration is released by `umm_unpin`). Released by `umm_unpin`, exactly once,
 /// from any thread. A pin keeps its manager alive.
 pub struct umm_pin_t {
-    // Declared first, so dropped before `inner`: the pin borrows `inner.manager`.
-    pin: Pin<'static>,
+    pin: OwnedPin,
     inner: Arc<Inner>,
 }
 
@@ -125,6 +133,9 @@ pub struct umm_translation_t {
     pub registered_len: u64,
     /// Offset of the pinned range's first byte inside the registered range.
     pub offset: u64,
+    /// Identifies the registration: the same value on a hit, a new one after a fresh
+    /// registration (compare it rather than handles, which drivers may reuse).
+    pub registration_id: u64,
     /// `UMM_DEVICE_CALLBACKS`: the value the register callback stored.
     pub opaque: u64,
     /// `UMM_DEVICE_VERBS`: the MR's local key.
@@ -249,7 +260,7 @@ pub const UMM_IBV_ACCESS_REMOTE_WRITE: c_int = 2;
 pub const UMM_IBV_ACCESS_REMOTE_READ: c_int = 4;
 
 struct Inner {
-    manager: Manager,
+    manager: Arc<Manager>,
     devices: RwLock<Vec<Dev>>,
 }
 
@@ -375,6 +386,9 @@ impl From<umm::Error> for Failure {
             E::Uncovered { .. } => S::UMM_ERR_UNCOVERED,
             E::Source { .. } | E::Watch { .. } => S::UMM_ERR_SOURCE,
             E::ForkedChild { .. } => S::UMM_ERR_FORKED_CHILD,
+            E::Config { .. } => S::UMM_ERR_CONFIG,
+            E::Reentrant { .. } => S::UMM_ERR_REENTRANT,
+            E::TooManyPins { .. } => S::UMM_ERR_TOO_MANY_PINS,
             _ => S::UMM_ERR_OTHER,
         };
         Failure::new(status, chain(&e))
@@ -411,10 +425,10 @@ fn guard(f: impl FnOnce() -> Result<(), Failure>) -> umm_status_t {
     }
 }
 
-/// The manager's configuration: from the `UMM_*` environment variables once the core
-/// offers `Config::from_env` (see docs/c-api.md), the defaults until then.
-fn config() -> Config {
-    Config::default()
+/// The manager's configuration: the defaults with the `UMM_*` environment variables
+/// applied (docs/configuration.md).
+fn config() -> Result<Config, Failure> {
+    Ok(Config::from_env()?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -601,6 +615,9 @@ pub extern "C" fn umm_strerror(status: umm_status_t) -> *const c_char {
         S::UMM_ERR_NOT_PINNED => c"UMM_ERR_NOT_PINNED: the pin does not include this device",
         S::UMM_ERR_PANIC => c"UMM_ERR_PANIC: internal error in umm (please report it)",
         S::UMM_ERR_OTHER => c"UMM_ERR_OTHER: other failure (see umm_last_error)",
+        S::UMM_ERR_CONFIG => c"UMM_ERR_CONFIG: a UMM_* environment variable has a malformed value",
+        S::UMM_ERR_REENTRANT => c"UMM_ERR_REENTRANT: a device callback called umm for its own device",
+        S::UMM_ERR_TOO_MANY_PINS => c"UMM_ERR_TOO_MANY_PINS: too many pins of one registration held at once",
     };
     text.as_ptr()
 }
@@ -625,8 +642,9 @@ pub extern "C" fn umm_version() -> *const c_char {
     VERSION.as_ptr()
 }
 
-/// Creates a manager and stores it in `*out`, with umm's default cache limits (see
-/// docs/c-api.md, "Configuration"). It has no notifier source: the application reports
+/// Creates a manager and stores it in `*out`, configured by the `UMM_*` environment
+/// variables (cache limits, cache off, stats at exit: docs/configuration.md; a malformed
+/// value fails with `UMM_ERR_CONFIG` naming it). It has no notifier source: the application reports
 /// unmaps with `umm_invalidate` (from its munmap/free hooks, as MPI libraries do).
 /// Thread-safe; release it with `umm_manager_destroy`.
 #[no_mangle]
@@ -637,7 +655,7 @@ pub unsafe extern "C" fn umm_manager_create(out: *mut *mut umm_manager_t) -> umm
         }
         let m = Box::new(umm_manager_t {
             inner: Arc::new(Inner {
-                manager: Manager::new(config()),
+                manager: Arc::new(Manager::new(config()?)),
                 devices: RwLock::new(Vec::new()),
             }),
         });
@@ -955,11 +973,7 @@ pub unsafe extern "C" fn umm_pin(
             ids.push(m.inner.device(d)?.0);
         }
         let range = Range::new(addr as usize, len)?;
-        let pin = m.inner.manager.pin(range, &ids)?;
-        // SAFETY: lifetime extension to 'static: the pin borrows `inner.manager`, which
-        // lives in the Arc's heap allocation (it never moves); the `umm_pin_t` holds a clone
-        // of that Arc and drops its `pin` field first, so the manager outlives the pin.
-        let pin: Pin<'static> = unsafe { std::mem::transmute::<Pin<'_>, Pin<'static>>(pin) };
+        let pin = m.inner.manager.pin_owned(range, &ids)?;
         let p = Box::new(umm_pin_t {
             pin,
             inner: m.inner.clone(),
@@ -1025,6 +1039,7 @@ pub unsafe extern "C" fn umm_pin_translation(
             registered_addr: registered.start() as u64,
             registered_len: registered.len() as u64,
             offset: p.pin.offset(id).ok_or_else(not_pinned)? as u64,
+            registration_id: p.pin.registration_id(id).ok_or_else(not_pinned)?,
             ..Default::default()
         };
         match kind {

@@ -10,6 +10,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -115,6 +116,7 @@ static void test_hit_invalidate_reregister(void)
 	/* Hit: same translation, no callback. */
 	CHECK(umm_pin(m, buf + 100, 3 * page, &dev, 1, &p2) == UMM_OK, "pin 2");
 	CHECK(umm_pin_translation(p2, dev, &t2) == UMM_OK && t2.opaque == t1.opaque, "hit: same value");
+	CHECK(t2.registration_id == t1.registration_id, "hit: same registration id");
 	CHECK(r.registrations == 1, "a hit registers nothing (%d)", r.registrations);
 	CHECK(umm_stats(m, &st) == UMM_OK && st.hits == 1 && st.misses == 1 && st.devices == 1,
 	      "stats hits %llu misses %llu", (unsigned long long)st.hits, (unsigned long long)st.misses);
@@ -130,6 +132,7 @@ static void test_hit_invalidate_reregister(void)
 	/* A new pin registers afresh: a new value, never the stale one. */
 	CHECK(umm_pin(m, buf + 100, 3 * page, &dev, 1, &p3) == UMM_OK, "pin 3");
 	CHECK(umm_pin_translation(p3, dev, &t3) == UMM_OK && t3.opaque != t1.opaque, "fresh value");
+	CHECK(t3.registration_id != t1.registration_id, "fresh registration id");
 	CHECK(umm_pin_is_valid(p3), "fresh pin valid");
 	CHECK(r.registrations == 2, "registrations %d", r.registrations);
 	umm_unpin(p3);
@@ -352,6 +355,34 @@ static void test_fork(void)
 	printf("ok fork\n");
 }
 
+/* The manager is configured by UMM_* variables: a bad value is refused, UMM_CACHE=0 works. */
+static void test_environment(void)
+{
+	struct recorder r = { .next_token = 1 };
+	umm_manager_t *m = NULL;
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	char *buf = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	umm_pin_t *p = NULL;
+	umm_status_t s;
+
+	setenv("UMM_MAX_CACHED_BYTES", "lots", 1);
+	s = umm_manager_create(&m);
+	CHECK(s == UMM_ERR_CONFIG && m == NULL, "malformed variable: %s", umm_strerror(s));
+	CHECK(strstr(umm_last_error(), "UMM_MAX_CACHED_BYTES") != NULL, "message names it: %s", umm_last_error());
+	unsetenv("UMM_MAX_CACHED_BYTES");
+
+	setenv("UMM_CACHE", "0", 1);
+	CHECK(umm_manager_create(&m) == UMM_OK, "create with UMM_CACHE=0");
+	umm_device_t dev = attach(m, &r, "uncached", true);
+	CHECK(umm_pin(m, buf, page, &dev, 1, &p) == UMM_OK, "pin");
+	umm_unpin(p);
+	CHECK(r.deregistrations == 1, "UMM_CACHE=0: deregistered at the last unpin (%d)", r.deregistrations);
+	umm_manager_destroy(m);
+	unsetenv("UMM_CACHE");
+	munmap(buf, page);
+	printf("ok environment\n");
+}
+
 int main(void)
 {
 	test_hit_invalidate_reregister();
@@ -360,6 +391,7 @@ int main(void)
 	test_destroy_with_pin();
 	test_threads();
 	test_fork();
+	test_environment();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed != 0;
 }
