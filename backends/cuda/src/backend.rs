@@ -21,7 +21,7 @@
 //! undone. Deregistration is `cuMemHostUnregister(base)`, with the exact base pointer the
 //! driver requires. Dropping the backend unregisters whatever the manager left registered.
 //!
-//! CUDA refuses overlapping host registrations (DESIGN section 5, measured on an H100), so
+//! CUDA refuses overlapping host registrations (measured on an H100: docs/design.md), so
 //! [`Capabilities::allows_overlap`] is `false`: the core merges overlapping and adjacent
 //! requests into one registration, unregisters stale entries before registering a fresh
 //! mapping at the same address, and fails with `umm::Error::DeviceRangeBusy` when a stale

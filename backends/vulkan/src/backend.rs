@@ -19,7 +19,7 @@
 //! same host payload several times, into several instances and several times into one,
 //! while allowing an implementation to fail repeated imports into one physical device for
 //! platform reasons; its valid-usage rules only constrain alignment, size, handle type and
-//! memory type. lavapipe and NVIDIA's driver (DESIGN section 5) accept overlapping and
+//! memory type. lavapipe and NVIDIA's driver (H200; docs/design.md) accept overlapping and
 //! repeated imports, so [`Capabilities::allows_overlap`] is `true` by default. For a driver
 //! that refuses them, [`VulkanBackend::allow_overlap`]`(false)` makes the core merge and
 //! order registrations as it does for CUDA.
