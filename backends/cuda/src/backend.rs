@@ -21,7 +21,7 @@
 //! undone. Deregistration is `cuMemHostUnregister(base)`, with the exact base pointer the
 //! driver requires. Dropping the backend unregisters whatever the manager left registered.
 //!
-//! CUDA refuses overlapping host registrations (DESIGN section 5, measured on an H100), so
+//! CUDA refuses overlapping host registrations (measured on an H100: docs/design.md), so
 //! [`Capabilities::allows_overlap`] is `false`: the core merges overlapping and adjacent
 //! requests into one registration, unregisters stale entries before registering a fresh
 //! mapping at the same address, and fails with `umm::Error::DeviceRangeBusy` when a stale
@@ -173,6 +173,9 @@ pub struct CudaBackend {
     pub(crate) ctx: Ctx,
     flags: HostRegisterFlags,
     pub(crate) label: String,
+    /// Whether `ctx` is the device's primary context retained by us (released on drop);
+    /// false for a context the application owns ([`CudaBackend::from_context`]).
+    retained_primary: bool,
     /// Live registrations: base address → length.
     live: Mutex<HashMap<usize, usize>>,
     pub(crate) kernel: OnceLock<Result<Kernel, CudaError>>,
@@ -229,6 +232,62 @@ impl CudaBackend {
             ctx: Ctx(ctx),
             flags,
             label,
+            retained_primary: true,
+            live: Mutex::new(HashMap::new()),
+            kernel: OnceLock::new(),
+        })
+    }
+
+    /// A backend registering in a context the application created and owns (for the C
+    /// API: an existing `CUcontext`), with `flags`. umm pushes it on the calling thread
+    /// around each driver call and never destroys it.
+    ///
+    /// Fails like [`CudaBackend::new`] without a driver ([`CudaError::NoDriver`], checked
+    /// before any driver call), and with [`CudaError::Driver`] when the context is unusable.
+    ///
+    /// # Safety
+    /// `ctx` must be a live context of this process's CUDA driver and stay alive until this
+    /// backend is dropped (for a backend attached to a `umm::Manager`: until the manager
+    /// is dropped).
+    pub unsafe fn from_context(
+        ctx: CUcontext,
+        flags: HostRegisterFlags,
+    ) -> Result<Self, CudaError> {
+        init()?;
+        let driver = |call, result| CudaError::Driver {
+            device: "application context".to_string(),
+            call,
+            result,
+            range: None,
+        };
+        // SAFETY: the driver is initialised and `ctx` is live (the caller's contract).
+        check(unsafe { sys::cuCtxPushCurrent_v2(ctx) })
+            .map_err(|e| driver("cuCtxPushCurrent", e))?;
+        let mut device: CUdevice = 0;
+        // SAFETY: `ctx` is current on this thread; `device` outlives the call.
+        let got = check(unsafe { sys::cuCtxGetDevice(&mut device) });
+        let mut popped: CUcontext = std::ptr::null_mut();
+        // SAFETY: pairs with the push above.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+        got.map_err(|e| driver("cuCtxGetDevice", e))?;
+        let mut name = [0 as std::ffi::c_char; 256];
+        // SAFETY: the buffer is 256 bytes and the driver NUL-terminates within `len`.
+        check(unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, device) })
+            .map_err(|e| driver("cuDeviceGetName", e))?;
+        // SAFETY: NUL-terminated by the driver (the buffer was zeroed, too).
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let ordinal = device.max(0) as usize;
+        let label = format!("cuda:{ordinal} {name}");
+        tracing::debug!(device = %label, flags = flags.bits(), "using an application's CUDA context");
+        Ok(CudaBackend {
+            ordinal,
+            device,
+            ctx: Ctx(ctx),
+            flags,
+            label,
+            retained_primary: false,
             live: Mutex::new(HashMap::new()),
             kernel: OnceLock::new(),
         })
@@ -357,8 +416,10 @@ impl Drop for CudaBackend {
                 k.unload();
             }
         }
-        // SAFETY: pairs with the retain in `with_flags`.
-        unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) };
+        if self.retained_primary {
+            // SAFETY: pairs with the retain in `with_flags`.
+            unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) };
+        }
     }
 }
 

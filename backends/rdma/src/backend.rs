@@ -191,6 +191,39 @@ fn memlock_text(limit: Option<Option<u64>>, cap: Option<bool>) -> String {
     format!(" (pinned memory is limited by RLIMIT_MEMLOCK: {limit}, {cap})")
 }
 
+/// Classifies a failed `ibv_reg_mr`/`ibv_dereg_mr` of `range` on `device` (shared by
+/// [`RdmaBackend`] and [`crate::RawPdBackend`]).
+pub(crate) fn register_error(
+    device: &str,
+    access: Access,
+    op: &'static str,
+    range: Range,
+    cause: io::Error,
+) -> BackendError {
+    let errno = errno_of(&cause);
+    let (kind, memlock) = match errno {
+        libc::ENOMEM | libc::EPERM | libc::EAGAIN => {
+            (BackendErrorKind::OutOfMemory, Some(umm::memlock_limit()))
+        }
+        libc::EFAULT | libc::EINVAL => (BackendErrorKind::BadAddress, None),
+        libc::ENODEV | libc::EIO | libc::ENOSYS | libc::ENXIO => {
+            (BackendErrorKind::DeviceUnavailable, None)
+        }
+        _ => (BackendErrorKind::Other, None),
+    };
+    let err = RegisterError {
+        device: device.to_string(),
+        op,
+        range,
+        access,
+        cause,
+        cap_ipc_lock: memlock.and(has_cap_ipc_lock()),
+        memlock_limit: memlock,
+    };
+    tracing::debug!(error = %err, "RDMA registration error");
+    BackendError::new(kind, err)
+}
+
 /// Whether the calling thread's effective capabilities include CAP_IPC_LOCK.
 fn has_cap_ipc_lock() -> Option<bool> {
     const CAP_IPC_LOCK: u32 = 14;
@@ -257,28 +290,7 @@ impl RdmaBackend {
     }
 
     fn error(&self, op: &'static str, range: Range, cause: io::Error) -> BackendError {
-        let errno = errno_of(&cause);
-        let (kind, memlock) = match errno {
-            libc::ENOMEM | libc::EPERM | libc::EAGAIN => {
-                (BackendErrorKind::OutOfMemory, Some(umm::memlock_limit()))
-            }
-            libc::EFAULT | libc::EINVAL => (BackendErrorKind::BadAddress, None),
-            libc::ENODEV | libc::EIO | libc::ENOSYS | libc::ENXIO => {
-                (BackendErrorKind::DeviceUnavailable, None)
-            }
-            _ => (BackendErrorKind::Other, None),
-        };
-        let err = RegisterError {
-            device: self.device.name().to_string(),
-            op,
-            range,
-            access: self.access,
-            cause,
-            cap_ipc_lock: memlock.and(has_cap_ipc_lock()),
-            memlock_limit: memlock,
-        };
-        tracing::debug!(error = %err, "RDMA registration error");
-        BackendError::new(kind, err)
+        register_error(self.device.name(), self.access, op, range, cause)
     }
 
     /// Registers `range` outside any manager (a naive cache, a benchmark baseline).

@@ -7,6 +7,8 @@
 //! backend per access class to the manager, all sharing the device's protection domain
 //! (see [`RdmaBackend::new`]). [`transport`] is a small RC queue-pair pair for tests and
 //! demos (RDMA WRITE and READ with the translations umm returns), not a product feature.
+//! [`RawPdBackend`] registers in a protection domain the application allocated itself
+//! (a raw `struct ibv_pd *`, as the C API receives it).
 //!
 //! Errors are typed: no verbs stack (`ibv_get_device_list` fails with `ENOSYS`, as on a
 //! host without RDMA) or no device is [`RdmaError::NoDevice`]; a failed registration keeps
@@ -36,10 +38,12 @@
 
 mod backend;
 mod device;
+mod raw;
 pub mod transport;
 
 pub use backend::{Access, MrTranslation, RdmaBackend, RegisterError};
 pub use device::{list_devices, DeviceInfo, DeviceSelector, RdmaDevice, RdmaError};
+pub use raw::{RawMrTranslation, RawPdBackend};
 pub use sideway;
 
 /// Whether libibverbs' fork support is initialised, unneeded (the kernel copes with fork

@@ -19,7 +19,7 @@
 //! same host payload several times, into several instances and several times into one,
 //! while allowing an implementation to fail repeated imports into one physical device for
 //! platform reasons; its valid-usage rules only constrain alignment, size, handle type and
-//! memory type. lavapipe and NVIDIA's driver (DESIGN section 5) accept overlapping and
+//! memory type. lavapipe and NVIDIA's driver (H200; docs/design.md) accept overlapping and
 //! repeated imports, so [`Capabilities::allows_overlap`] is `true` by default. For a driver
 //! that refuses them, [`VulkanBackend::allow_overlap`]`(false)` makes the core merge and
 //! order registrations as it does for CUDA.
@@ -115,10 +115,16 @@ pub(crate) struct Context {
     pub(crate) limits: vk::PhysicalDeviceLimits,
     pub(crate) import_alignment: u64,
     pub(crate) max_allocation: u64,
+    /// Whether we created the device and instance (and so destroy them); false for
+    /// handles the application owns ([`VulkanBackend::from_raw`]).
+    pub(crate) owned: bool,
 }
 
 impl Drop for Context {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // SAFETY: the device and instance were created by us and every child object has
         // been destroyed by the owners declared before this field (Kernels, imports).
         unsafe {
@@ -340,6 +346,7 @@ fn open(selector: &DeviceSelector) -> Result<Context, VulkanError> {
         limits: props.limits,
         import_alignment: chosen.info.import_alignment.max(1),
         max_allocation: chosen.max_allocation,
+        owned: true,
     })
 }
 
@@ -352,7 +359,8 @@ fn open(selector: &DeviceSelector) -> Result<Context, VulkanError> {
 /// be proven, not just constructed.
 pub struct VulkanBackend {
     // Field order is drop order: kernels and imports before the device (see `Drop`).
-    kernels: Kernels,
+    /// `None` for a device the application owns (its queues are the application's).
+    kernels: Option<Kernels>,
     /// Every live import (memory → buffer), so `Drop` frees what was not deregistered.
     live: Mutex<HashMap<vk::DeviceMemory, vk::Buffer>>,
     label: String,
@@ -371,7 +379,7 @@ impl VulkanBackend {
         let kernels = Kernels::new(&ctx)?;
         Ok(VulkanBackend {
             label: format!("vulkan:{}", ctx.name),
-            kernels,
+            kernels: Some(kernels),
             live: Mutex::new(HashMap::new()),
             allows_overlap: true,
             ctx,
@@ -384,6 +392,85 @@ impl VulkanBackend {
     pub fn allow_overlap(mut self, allow: bool) -> Self {
         self.allows_overlap = allow;
         self
+    }
+
+    /// A backend over a device the application created and owns (for the C API): imports
+    /// with `VK_EXT_external_memory_host` on `device`, which must have been created from
+    /// `physical` of `instance` with that extension enabled (checked: the import entry
+    /// point must resolve). umm never destroys these handles and submits nothing to the
+    /// device's queues, so [`VulkanBackend::fill_pattern`] and
+    /// [`VulkanBackend::checksum`] fail with [`VulkanError::NoKernels`] on it.
+    ///
+    /// # Safety
+    /// The three handles must be live, belong together, come from this process's Vulkan
+    /// loader (`libvulkan.so.1`), and stay alive until this backend is dropped (for a
+    /// backend attached to a `umm::Manager`: until the manager is dropped). The
+    /// application must not free the `VkDeviceMemory`/`VkBuffer` umm hands out.
+    pub unsafe fn from_raw(
+        instance: vk::Instance,
+        physical: vk::PhysicalDevice,
+        device: vk::Device,
+    ) -> Result<Self, VulkanError> {
+        let entry = load_entry()?;
+        // SAFETY: the caller passes a live instance of this process's loader.
+        let instance = unsafe { ash::Instance::load(entry.static_fn(), instance) };
+        let chosen = candidates(&instance)?
+            .into_iter()
+            .find(|c| c.physical == physical)
+            .ok_or_else(|| VulkanError::NoDevice {
+                selector: "an application's VkPhysicalDevice".to_string(),
+                reason: "not among the instance's physical devices".to_string(),
+            })?;
+        let name = chosen.info.name.clone();
+        if !chosen.info.supports_host_import {
+            return Err(VulkanError::NoDevice {
+                selector: name.clone(),
+                reason: format!("{name} lacks Vulkan 1.1 or VK_EXT_external_memory_host"),
+            });
+        }
+        // SAFETY: live instance and device (the caller's contract); the name is a valid
+        // NUL-terminated entry point name.
+        let import_fn = unsafe {
+            instance.get_device_proc_addr(device, c"vkGetMemoryHostPointerPropertiesEXT".as_ptr())
+        };
+        if import_fn.is_none() {
+            return Err(VulkanError::NoDevice {
+                selector: name.clone(),
+                reason: "the VkDevice was created without VK_EXT_external_memory_host \
+                         (add it to ppEnabledExtensionNames)"
+                    .to_string(),
+            });
+        }
+        // SAFETY: as above.
+        let device = unsafe { ash::Device::load(instance.fp_v1_0(), device) };
+        let host_ext = ash::ext::external_memory_host::Device::new(&instance, &device);
+        // SAFETY: `physical` belongs to this instance (found above).
+        let (memory_props, props) = unsafe {
+            (
+                instance.get_physical_device_memory_properties(physical),
+                instance.get_physical_device_properties(physical),
+            )
+        };
+        tracing::debug!(device = %name, "using an application's Vulkan device");
+        Ok(VulkanBackend {
+            label: format!("vulkan:{name}"),
+            kernels: None,
+            live: Mutex::new(HashMap::new()),
+            allows_overlap: true,
+            ctx: Context {
+                name,
+                _entry: entry,
+                instance,
+                device,
+                host_ext,
+                queue_family: 0,
+                memory_props,
+                limits: props.limits,
+                import_alignment: chosen.info.import_alignment.max(1),
+                max_allocation: chosen.max_allocation,
+                owned: false,
+            },
+        })
     }
 
     /// Every physical device the loader reports, with whether it can import host memory.
@@ -544,8 +631,10 @@ impl VulkanBackend {
         Ok(())
     }
 
-    pub(crate) fn kernels(&self) -> &Kernels {
-        &self.kernels
+    pub(crate) fn kernels(&self) -> Result<&Kernels, VulkanError> {
+        self.kernels.as_ref().ok_or_else(|| VulkanError::NoKernels {
+            device: self.ctx.name.clone(),
+        })
     }
 }
 
@@ -584,11 +673,15 @@ impl Backend for VulkanBackend {
 
 impl Drop for VulkanBackend {
     fn drop(&mut self) {
-        // SAFETY: live device; waiting is always allowed.
-        if let Err(e) = unsafe { self.ctx.device.device_wait_idle() } {
-            tracing::warn!(device = %self.ctx.name, error = %e, "vkDeviceWaitIdle failed in drop");
+        if let Some(kernels) = self.kernels.as_mut() {
+            // Our own device: wait for our kernels (an application's device may be busy
+            // with the application's work, which is none of ours to wait for).
+            // SAFETY: live device; waiting is always allowed.
+            if let Err(e) = unsafe { self.ctx.device.device_wait_idle() } {
+                tracing::warn!(device = %self.ctx.name, error = %e, "vkDeviceWaitIdle failed in drop");
+            }
+            kernels.destroy(&self.ctx);
         }
-        self.kernels.destroy(&self.ctx);
         let live = std::mem::take(&mut *self.live.lock());
         if !live.is_empty() {
             tracing::warn!(

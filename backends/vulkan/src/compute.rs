@@ -443,7 +443,7 @@ impl VulkanBackend {
         len: u64,
         seed: u32,
     ) -> Result<(), VulkanError> {
-        let k = self.kernels();
+        let k = self.kernels()?;
         k.run(&self.ctx, k.fill, import, offset, len, seed)
             .map(|_| ())
     }
@@ -459,7 +459,7 @@ impl VulkanBackend {
         offset: u64,
         len: u64,
     ) -> Result<Checksum, VulkanError> {
-        let k = self.kernels();
+        let k = self.kernels()?;
         let [sum, words] = k.run(&self.ctx, k.checksum, import, offset, len, 0)?;
         Ok(Checksum { sum, words })
     }

@@ -77,6 +77,13 @@ pub enum VulkanError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The compute kernels were asked for on a device the application owns
+    /// ([`crate::VulkanBackend::from_raw`]), whose queues umm does not use.
+    #[error("{device}: no compute kernels on an application's device (umm does not submit to its queues)")]
+    NoKernels {
+        /// The device's name.
+        device: String,
+    },
 }
 
 impl VulkanError {
@@ -107,9 +114,9 @@ impl VulkanError {
             VulkanError::Misaligned { .. } | VulkanError::NoMemoryType { .. } => {
                 BackendErrorKind::BadAddress
             }
-            VulkanError::BadSpan { .. } | VulkanError::UnknownImport { .. } => {
-                BackendErrorKind::Other
-            }
+            VulkanError::BadSpan { .. }
+            | VulkanError::UnknownImport { .. }
+            | VulkanError::NoKernels { .. } => BackendErrorKind::Other,
         }
     }
 }
