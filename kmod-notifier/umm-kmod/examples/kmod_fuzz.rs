@@ -15,7 +15,7 @@
 //! and ids; read() with good, short and bad buffers; poll(); mmap() with every size, offset
 //! and protection; and address-space churn over watched memory (munmap, mmap(MAP_FIXED),
 //! madvise(DONTNEED), mprotect) so invalidations run concurrently with all of it. About one
-//! call in 5000 forks a child that tries each kind of call on the inherited files: each one must
+//! call in 10000 forks a child that tries each kind of call on the inherited files: each one must
 //! fail with EPERM (poll: POLLERR), or the run fails.
 //!
 //! The seed (printed first; default: from the clock) fixes each thread's choices; thread
@@ -76,6 +76,8 @@ struct Shared {
     stop: AtomicBool,
     forks: AtomicU64,
     events: AtomicU64,
+    /// Nanoseconds spent per hundredth of the call mix (UMM_KMOD_FUZZ_PROFILE=1).
+    profile: [AtomicU64; 100],
 }
 
 fn errno() -> i32 {
@@ -144,15 +146,15 @@ impl Shared {
 
     /// One call on the device (or churn of the address space); returns how many system
     /// calls it made on the device.
-    fn one_call(&self, rng: &mut Rng, ids: &mut Vec<(usize, u64)>) -> u64 {
+    fn one_call(&self, rng: &mut Rng, ids: &mut Vec<(usize, u64)>, k: u64) -> u64 {
         let slot = rng.below(SLOTS as u64) as usize;
         let fd = self.slots[slot].load(Ordering::Relaxed);
         let mut watch = sys::umm_notify_watch::default();
         let mut unwatch = sys::umm_notify_unwatch::default();
         let mut info = sys::umm_notify_info::default();
         let mut recs = [sys::umm_notify_record::default(); 8];
-        match rng.below(1000) {
-            0..=299 => {
+        match k {
+            0..=3299 => {
                 watch.start = self.addr(rng);
                 watch.len = self.len(rng);
                 watch.id = if rng.chance(8) { rng.next() } else { 0 };
@@ -175,7 +177,7 @@ impl Shared {
                     ids.push((slot, watch.id));
                 }
             }
-            300..=499 => {
+            3300..=5399 => {
                 unwatch.id = match rng.below(4) {
                     0 => rng.next(),
                     1 => rng.below(self.max_watches + 2),
@@ -190,7 +192,7 @@ impl Shared {
                 // SAFETY: the kernel reads at most one struct at `p` (or fails with EFAULT).
                 unsafe { libc::ioctl(fd, sys::UMM_NOTIFY_IOC_UNWATCH as _, p) };
             }
-            500..=559 => {
+            5400..=5999 => {
                 let p = self.arg_ptr(rng, &mut info as *mut _ as usize);
                 // SAFETY: the kernel writes at most one struct at `p` (or fails with EFAULT).
                 let rc = unsafe { libc::ioctl(fd, sys::UMM_NOTIFY_IOC_INFO as _, p) };
@@ -201,7 +203,7 @@ impl Shared {
                     ));
                 }
             }
-            560..=619 => {
+            6000..=6599 => {
                 // Unknown and mangled commands: random numbers, our magic with other numbers,
                 // our numbers with other sizes or directions.
                 let cmd: u64 = match rng.below(3) {
@@ -220,7 +222,7 @@ impl Shared {
                 // faulting pointer to our stack-sized scratch struct.
                 unsafe { libc::ioctl(fd, cmd as _, p) };
             }
-            620..=849 => {
+            6600..=8799 => {
                 let size = std::mem::size_of_val(&recs);
                 let n = match rng.below(4) {
                     0 => rng.below(64) as usize,
@@ -239,7 +241,7 @@ impl Shared {
                     self.events.fetch_add(r as u64 / 40, Ordering::Relaxed);
                 }
             }
-            850..=929 => {
+            8800..=9958 => {
                 let mut pfd = libc::pollfd {
                     fd,
                     events: libc::POLLIN,
@@ -248,7 +250,7 @@ impl Shared {
                 // SAFETY: one valid pollfd, no waiting.
                 unsafe { libc::poll(&mut pfd, 1, 0) };
             }
-            930..=939 => {
+            9959..=9968 => {
                 let len = match rng.below(4) {
                     0 => self.page * (1 + rng.below(3) as usize),
                     _ => self.page,
@@ -276,11 +278,11 @@ impl Shared {
                     unsafe { libc::munmap(p, len) };
                 }
             }
-            940..=969 => {
+            9969..=9988 => {
                 self.churn(rng);
                 return 0;
             }
-            970..=979 => {
+            9989..=9998 => {
                 // Close and reopen a slot while other threads use it.
                 let new = open_dev();
                 let old = self.slots[slot].swap(new, Ordering::SeqCst);
@@ -291,11 +293,7 @@ impl Shared {
                 return 2;
             }
             _ => {
-                if rng.chance(100) {
-                    return self.fork_child(rng);
-                }
-                self.churn(rng);
-                return 0;
+                return self.fork_child(rng);
             }
         }
         1
@@ -507,7 +505,9 @@ fn main() {
         stop: AtomicBool::new(false),
         forks: AtomicU64::new(0),
         events: AtomicU64::new(0),
+        profile: std::array::from_fn(|_| AtomicU64::new(0)),
     });
+    let profiling = std::env::var_os("UMM_KMOD_FUZZ_PROFILE").is_some();
     let t0 = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|t| {
@@ -517,7 +517,13 @@ fn main() {
                 let mut ids = Vec::new();
                 while !sh.stop.load(Ordering::Relaxed) && sh.calls.load(Ordering::Relaxed) < target
                 {
-                    let n = sh.one_call(&mut rng, &mut ids);
+                    let k = rng.below(10_000);
+                    let t = profiling.then(Instant::now);
+                    let n = sh.one_call(&mut rng, &mut ids, k);
+                    if let Some(t) = t {
+                        sh.profile[(k / 100) as usize]
+                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
                     sh.calls.fetch_add(n, Ordering::Relaxed);
                 }
             })
@@ -541,6 +547,22 @@ fn main() {
         shared.forks.load(Ordering::SeqCst),
         shared.events.load(Ordering::SeqCst),
     );
+    if profiling {
+        let total: u64 = shared
+            .profile
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .sum();
+        for (i, p) in shared.profile.iter().enumerate() {
+            let ns = p.load(Ordering::SeqCst);
+            println!(
+                "  mix {:4}..{:4}: {:5.1}% of the time",
+                i * 100,
+                i * 100 + 99,
+                100.0 * ns as f64 / total.max(1) as f64
+            );
+        }
+    }
     let f = shared.failures.lock().unwrap();
     if !f.is_empty() {
         println!("kmod_fuzz: FAIL (seed {seed}): {}", f.join("; "));
