@@ -181,3 +181,50 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn read(rel: &str) -> String {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+    }
+
+    /// The messages name files, a group and a script: they must exist and agree.
+    #[test]
+    fn install_hints_match_the_shipped_files() {
+        let rule = read("udev/99-umm-notify.rules");
+        assert!(
+            rule.lines().any(|l| !l.starts_with('#')
+                && l.contains(r#"KERNEL=="umm_notify""#)
+                && l.contains(r#"GROUP="umm""#)
+                && l.contains(r#"MODE="0660""#)),
+            "udev rule: {rule}"
+        );
+        assert!(read("umm_notify.c").contains(".mode = 0660,"));
+        let dkms = read("dkms.conf");
+        assert!(dkms.contains(r#"BUILT_MODULE_NAME[0]="umm_notify""#));
+        assert!(read("../scripts/install-kmod.sh").contains("dkms install"));
+        assert!(read("modprobe.d/umm_notify.conf").contains("options umm_notify"));
+
+        let not_loaded = Error::NotLoaded {
+            path: "/dev/umm_notify".into(),
+        }
+        .to_string();
+        assert!(
+            not_loaded.contains("scripts/install-kmod.sh"),
+            "{not_loaded}"
+        );
+        assert!(not_loaded.contains("modprobe umm_notify"), "{not_loaded}");
+        let denied = Error::PermissionDenied {
+            path: "/dev/umm_notify".into(),
+        }
+        .to_string();
+        assert!(
+            denied.contains("udev/99-umm-notify.rules") && denied.contains("group `umm`"),
+            "{denied}"
+        );
+    }
+}
