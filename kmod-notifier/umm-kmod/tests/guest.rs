@@ -1423,6 +1423,38 @@ fn kmod_source_fork_child_touches_nothing() -> Outcome {
     Ok(())
 }
 
+/// One `KmodSource` serves one manager (its cookies name the kernel watches): a second
+/// manager's `add_source` fails with `AlreadyAttached`; once the first manager is dropped
+/// (detach removes the watches it left) the source serves a new one.
+fn kmod_source_serves_one_manager() -> Outcome {
+    let (first, nic, _ledger, source) = manager_with_source()?;
+    let m = Map::anon(2);
+    m.touch();
+    let range = Range::new(m.addr, m.len).map_err(|e| e.to_string())?;
+    drop(first.pin(range, &[nic.id()]).map_err(|e| e.to_string())?);
+    ensure!(source.watches() == 1, "the pin is not watched");
+    let second = Manager::default();
+    match second.add_source(source.clone()) {
+        Err(umm::Error::Source { source: e, .. }) => ensure!(
+            matches!(
+                e.downcast_ref::<Error>(),
+                Some(Error::AlreadyAttached { .. })
+            ),
+            "second manager refused with {e}, want AlreadyAttached"
+        ),
+        other => return Err(format!("second manager's add_source: {other:?}")),
+    }
+    drop(first);
+    ensure!(
+        source.watches() == 0 && source.device().info().map_err(|e| e.to_string())?.watches == 0,
+        "watches left after the first manager was dropped"
+    );
+    second
+        .add_source(source.clone())
+        .map_err(|e| format!("after the first manager was dropped: {e}"))?;
+    Ok(())
+}
+
 /// One open file holds at most `max_watches` watches: the next WATCH fails with the typed
 /// `WatchLimit` (ENOSPC), through the device and through the source, and an UNWATCH makes
 /// room again. Run with a small limit (scripts/test-kmod.sh reloads the module with
@@ -1644,6 +1676,10 @@ fn main() {
         (
             "kmod_source_fork_child_touches_nothing",
             kmod_source_fork_child_touches_nothing,
+        ),
+        (
+            "kmod_source_serves_one_manager",
+            kmod_source_serves_one_manager,
         ),
         ("watch_limit_is_a_typed_error", watch_limit_is_a_typed_error),
         (
