@@ -11,9 +11,20 @@
  *
  *  - open() binds the caller's mm (mmgrab) and preallocates the file's ring
  *    of records and its shared generation page. Nothing is allocated in the
- *    notifier path.
- *  - WATCH inserts one mmu_interval_notifier per cookie; UNWATCH removes it.
- *    Both run under ctx->lock (a mutex), which the notifier never takes.
+ *    notifier path. Every later use of the file (ioctl, read, poll, mmap)
+ *    from another mm, e.g. a forked child holding the inherited fd, fails
+ *    with -EPERM (poll: EPOLLERR): a child can neither remove the parent's
+ *    watches nor consume its records.
+ *  - WATCH inserts one mmu_interval_notifier under an id the module
+ *    allocates (dense, 1..max_watches, so the index costs a few bytes per
+ *    watch whatever user space calls it); UNWATCH removes it. Both run under
+ *    ctx->lock (a mutex), which the notifier never takes.
+ *  - WATCH returns only after any invalidation of the mm that was already
+ *    running when the notifier was inserted has finished
+ *    (mmu_interval_read_begin()): such an invalidation does not call the new
+ *    notifier, so returning earlier would let user space register pages that
+ *    are being torn down without ever hearing of it. Every invalidation that
+ *    starts after the insertion calls the notifier.
  *  - umm_invalidate() runs inside every invalidation of a watched range,
  *    whoever causes it (the process itself, another task, reclaim, KSM,
  *    migration, exit): it takes only ctx->ring_lock (a spinlock that no
@@ -55,16 +66,22 @@ module_param(ring_entries, uint, 0444);
 MODULE_PARM_DESC(ring_entries,
 		 "records per open file, rounded up to a power of two (16..1048576, default 4096)");
 
-static unsigned int max_watches = 1U << 20;
+/*
+ * One watch costs about 140 bytes of kernel memory (a kmalloc-128 object plus
+ * its share of the dense xarray), charged to the opener's memory cgroup: the
+ * default bounds one open file's watches to about 36 MiB.
+ */
+static unsigned int max_watches = 1U << 18;
 module_param(max_watches, uint, 0444);
-MODULE_PARM_DESC(max_watches, "watches one open file may hold (default 1048576)");
+MODULE_PARM_DESC(max_watches,
+		 "watches one open file may hold (1..2^31, default 262144, about 140 bytes each)");
 
 /**
  * struct umm_ctx - state of one open file of /dev/umm_notify
  * @mm: the opener's mm; mmgrab()ed in open, mmdrop()ed in release
  * @lock: serializes WATCH, UNWATCH and release; protects @watches and
  *	  @nr_watches. Never taken by the notifier.
- * @watches: cookie -> struct umm_watch
+ * @watches: id -> struct umm_watch (ids allocated by xa_alloc(), dense)
  * @nr_watches: number of entries in @watches
  * @read_lock: one reader of the ring at a time; only its holder advances
  *	       @head
@@ -100,14 +117,14 @@ struct umm_ctx {
  * struct umm_watch - one watched range
  * @mni: the interval notifier; inserted by WATCH, removed by UNWATCH/release
  * @ctx: the file it reports to
- * @cookie: the caller's name for it
+ * @id: its id in @ctx->watches, returned by WATCH and reported in records
  * @start: first byte watched
  * @end: one past the last byte watched
  */
 struct umm_watch {
 	struct mmu_interval_notifier mni;
 	struct umm_ctx *ctx;
-	u64 cookie;
+	u32 id;
 	u64 start;
 	u64 end;
 };
@@ -164,7 +181,7 @@ static bool umm_invalidate(struct mmu_interval_notifier *mni,
 		WRITE_ONCE(ctx->shared->overflows, ctx->shared->overflows + 1);
 	} else {
 		rec = &ctx->ring[ctx->tail & ctx->mask];
-		rec->cookie = w->cookie;
+		rec->id = w->id;
 		rec->start = max_t(u64, range->start, w->start);
 		rec->end = min_t(u64, range->end, w->end);
 		rec->kind = umm_event_kind(range->event);
@@ -188,6 +205,15 @@ static const struct mmu_interval_notifier_ops umm_mni_ops = {
 	.invalidate = umm_invalidate,
 };
 
+/*
+ * Whether the caller may use @ctx: only from the mm bound at open. A forked
+ * child (or a process after execve() of an inherited fd) gets -EPERM.
+ */
+static bool umm_same_mm(struct umm_ctx *ctx)
+{
+	return current->mm == ctx->mm;
+}
+
 /* Records (or an overflow) are waiting. Takes ctx->ring_lock. */
 static bool umm_pending(struct umm_ctx *ctx)
 {
@@ -200,27 +226,29 @@ static bool umm_pending(struct umm_ctx *ctx)
 }
 
 /**
- * umm_ioctl_watch() - WATCH: insert an interval notifier under a cookie
+ * umm_ioctl_watch() - WATCH: insert an interval notifier under a new id
  * @ctx: the file's state
- * @arg: user pointer to struct umm_notify_watch
+ * @arg: user pointer to struct umm_notify_watch; its id is written back
  *
- * Context: process context of the opener (current->mm must be ctx->mm);
- * takes ctx->lock, then mmap_lock inside mmu_interval_notifier_insert().
+ * Context: process context of the opener (checked by the caller); takes
+ * ctx->lock, then mmap_lock inside mmu_interval_notifier_insert(), and may
+ * sleep in mmu_interval_read_begin() until an invalidation of the mm that
+ * was running at insertion time has finished.
  *
  * Return: 0, -EFAULT (bad pointer, or range beyond the address space),
- * -EINVAL (flags set, zero length, unaligned start or length), -EOVERFLOW
- * (start + len wraps), -EPERM (called from another mm, e.g. a forked child),
- * -EEXIST (cookie already watched), -ENOSPC (max_watches reached), -ENOMEM.
+ * -EINVAL (flags or id set, zero length, unaligned start or length),
+ * -EOVERFLOW (start + len wraps), -ENOSPC (max_watches reached), -ENOMEM.
  */
 static long umm_ioctl_watch(struct umm_ctx *ctx, void __user *arg)
 {
 	struct umm_notify_watch req;
 	struct umm_watch *w;
+	u32 id;
 	int ret;
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
-	if (req.flags)
+	if (req.flags || req.id)
 		return -EINVAL;
 	if (!req.len || !PAGE_ALIGNED(req.start) || !PAGE_ALIGNED(req.len))
 		return -EINVAL;
@@ -228,38 +256,54 @@ static long umm_ioctl_watch(struct umm_ctx *ctx, void __user *arg)
 		return -EOVERFLOW;
 	if (req.start + req.len > ctx->mm->task_size)
 		return -EFAULT;
-	if (current->mm != ctx->mm)
-		return -EPERM;
 
 	w = kzalloc(sizeof(*w), GFP_KERNEL_ACCOUNT);
 	if (!w)
 		return -ENOMEM;
 	w->ctx = ctx;
-	w->cookie = req.cookie;
 	w->start = req.start;
 	w->end = req.start + req.len;
 
 	mutex_lock(&ctx->lock);
-	if (ctx->nr_watches >= max_watches) {
-		ret = -ENOSPC;
-		goto err_unlock;
-	}
-	ret = xa_insert(&ctx->watches, req.cookie, w, GFP_KERNEL_ACCOUNT);
+	ret = xa_alloc(&ctx->watches, &id, w, XA_LIMIT(1, max_watches),
+		       GFP_KERNEL_ACCOUNT);
 	if (ret) {
 		if (ret == -EBUSY)
-			ret = -EEXIST;
+			ret = -ENOSPC;
 		goto err_unlock;
 	}
+	w->id = id;
 	ret = mmu_interval_notifier_insert(&w->mni, ctx->mm, req.start, req.len,
 					   &umm_mni_ops);
 	if (ret)
 		goto err_erase;
+	/*
+	 * An invalidation already running when the notifier went in does not
+	 * call it (the notifier waits on the mm's deferred list until every
+	 * running invalidation ends). Wait for those to finish, as
+	 * mmu_interval_notifier users do before reading pages: after this, the
+	 * range holds what the running invalidations left, and every later
+	 * invalidation calls umm_invalidate(). The sequence itself is not
+	 * needed: user space reads the pages only after WATCH returns.
+	 */
+	mmu_interval_read_begin(&w->mni);
+	/*
+	 * Still under ctx->lock, so no other thread can remove the watch by
+	 * guessing its id before we know whether the caller learnt it.
+	 */
+	req.id = id;
+	if (copy_to_user(arg, &req, sizeof(req))) {
+		ret = -EFAULT;
+		goto err_remove;
+	}
 	ctx->nr_watches++;
 	mutex_unlock(&ctx->lock);
 	return 0;
 
+err_remove:
+	mmu_interval_notifier_remove(&w->mni);
 err_erase:
-	xa_erase(&ctx->watches, req.cookie);
+	xa_erase(&ctx->watches, id);
 err_unlock:
 	mutex_unlock(&ctx->lock);
 	kfree(w);
@@ -267,14 +311,14 @@ err_unlock:
 }
 
 /**
- * umm_ioctl_unwatch() - UNWATCH: remove the interval notifier of a cookie
+ * umm_ioctl_unwatch() - UNWATCH: remove the interval notifier of an id
  * @ctx: the file's state
  * @arg: user pointer to struct umm_notify_unwatch
  *
  * Context: process context, may sleep: mmu_interval_notifier_remove() waits
  * for a running callback of this watch. Pairs with umm_ioctl_watch().
  *
- * Return: 0, -EFAULT, -EINVAL (flags set), -ENOENT (no such cookie).
+ * Return: 0, -EFAULT, -EINVAL (flags set), -ENOENT (no such id).
  */
 static long umm_ioctl_unwatch(struct umm_ctx *ctx, void __user *arg)
 {
@@ -286,8 +330,10 @@ static long umm_ioctl_unwatch(struct umm_ctx *ctx, void __user *arg)
 	if (req.flags)
 		return -EINVAL;
 
+	if (req.id > U32_MAX)
+		return -ENOENT;
 	mutex_lock(&ctx->lock);
-	w = xa_erase(&ctx->watches, req.cookie);
+	w = xa_erase(&ctx->watches, req.id);
 	if (w)
 		ctx->nr_watches--;
 	mutex_unlock(&ctx->lock);
@@ -322,6 +368,8 @@ static long umm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	struct umm_ctx *ctx = file->private_data;
 	void __user *uarg = (void __user *)arg;
 
+	if (!umm_same_mm(ctx))
+		return -EPERM;
 	switch (cmd) {
 	case UMM_NOTIFY_IOC_WATCH:
 		return umm_ioctl_watch(ctx, uarg);
@@ -345,8 +393,9 @@ static long umm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
  * Records in [head, tail) are never written by the notifier (a full ring
  * sets the overflow flag instead), so they are copied without ring_lock.
  *
- * Return: bytes read (a multiple of the record size), -EINVAL (@count too
- * small), -EAGAIN (O_NONBLOCK and nothing pending), -EFAULT, -ERESTARTSYS.
+ * Return: bytes read (a multiple of the record size), -EPERM (from another
+ * mm, e.g. a forked child), -EINVAL (@count too small), -EAGAIN (O_NONBLOCK
+ * and nothing pending), -EFAULT, -ERESTARTSYS.
  */
 static ssize_t umm_read(struct file *file, char __user *buf, size_t count,
 			loff_t *ppos)
@@ -357,6 +406,8 @@ static ssize_t umm_read(struct file *file, char __user *buf, size_t count,
 	u64 head, avail, n, done, idx, chunk;
 	ssize_t ret;
 
+	if (!umm_same_mm(ctx))
+		return -EPERM;
 	if (count < size)
 		return -EINVAL;
 	if (mutex_lock_interruptible(&ctx->read_lock))
@@ -421,10 +472,13 @@ out_unlock:
 	return ret;
 }
 
+/* From another mm (a forked child): EPOLLERR, never the parent's EPOLLIN. */
 static __poll_t umm_poll(struct file *file, struct poll_table_struct *wait)
 {
 	struct umm_ctx *ctx = file->private_data;
 
+	if (!umm_same_mm(ctx))
+		return EPOLLERR;
 	poll_wait(file, &ctx->wq, wait);
 	return umm_pending(ctx) ? EPOLLIN | EPOLLRDNORM : 0;
 }
@@ -437,12 +491,14 @@ static __poll_t umm_poll(struct file *file, struct poll_table_struct *wait)
  * Context: mmap_lock held for write by the caller.
  *
  * Return: 0, -EINVAL (wrong size or offset), -EPERM (writable or
- * executable), or the error of vm_insert_page().
+ * executable, or from another mm), or the error of vm_insert_page().
  */
 static int umm_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct umm_ctx *ctx = file->private_data;
 
+	if (vma->vm_mm != ctx->mm)
+		return -EPERM;
 	if (vma->vm_pgoff || vma->vm_end - vma->vm_start != PAGE_SIZE)
 		return -EINVAL;
 	if (vma->vm_flags & (VM_WRITE | VM_EXEC))
@@ -488,7 +544,7 @@ static int umm_open(struct inode *inode, struct file *file)
 	mutex_init(&ctx->lock);
 	mutex_init(&ctx->read_lock);
 	spin_lock_init(&ctx->ring_lock);
-	xa_init(&ctx->watches);
+	xa_init_flags(&ctx->watches, XA_FLAGS_ALLOC1 | XA_FLAGS_ACCOUNT);
 	init_waitqueue_head(&ctx->wq);
 	mmgrab(current->mm); /* pairs with mmdrop() in umm_release() */
 	ctx->mm = current->mm;
@@ -517,11 +573,11 @@ static int umm_release(struct inode *inode, struct file *file)
 {
 	struct umm_ctx *ctx = file->private_data;
 	struct umm_watch *w;
-	unsigned long cookie;
+	unsigned long id;
 
 	mutex_lock(&ctx->lock);
-	xa_for_each(&ctx->watches, cookie, w) {
-		xa_erase(&ctx->watches, cookie);
+	xa_for_each(&ctx->watches, id, w) {
+		xa_erase(&ctx->watches, id);
 		mmu_interval_notifier_remove(&w->mni);
 		kfree(w);
 	}
@@ -555,17 +611,22 @@ static struct miscdevice umm_miscdev = {
 	.minor = MISC_DYNAMIC_MINOR,
 	.name = "umm_notify",
 	.fops = &umm_fops,
-	.mode = 0666,
+	/*
+	 * Root and the device's group only: udev/99-umm-notify.rules (installed
+	 * by scripts/install-kmod.sh) gives the node to group "umm". One open
+	 * file can hold max_watches watches (about 140 bytes each) and a ring
+	 * of ring_entries records (40 bytes each), charged to its memory cgroup.
+	 */
+	.mode = 0660,
 };
 
 static int __init umm_init(void)
 {
-	/* Cookies are xarray indices. */
-	BUILD_BUG_ON(sizeof(unsigned long) < sizeof(u64));
 	BUILD_BUG_ON(sizeof(struct umm_notify_record) != 40);
 	BUILD_BUG_ON(sizeof(struct umm_notify_shared) > PAGE_SIZE);
 
 	ring_entries = roundup_pow_of_two(clamp(ring_entries, 16U, 1U << 20));
+	max_watches = clamp(max_watches, 1U, 1U << 31);
 	return misc_register(&umm_miscdev);
 }
 

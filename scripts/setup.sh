@@ -10,6 +10,8 @@ packages=(
     qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static cpio xz-utils kmod
     # kernel style checks (checkpatch.pl comes from the kernel source tarball)
     linux-source
+    # kmod-notifier's DKMS installation (scripts/install-kmod.sh, tested by scripts/test-kmod.sh)
+    dkms
     # RDMA (Soft-RoCE runs in the guest; the host only needs the user-space libraries)
     rdma-core ibverbs-utils libibverbs-dev librdmacm-dev rdmacm-utils perftest iproute2
     # Vulkan on the CPU (Mesa lavapipe) and the loader

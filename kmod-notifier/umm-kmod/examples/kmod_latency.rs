@@ -50,7 +50,7 @@ fn munmap_durations(n: usize, dev: Option<&NotifyDevice>) -> Vec<u64> {
     let page = umm::page_size();
     let base = map(n);
     if let Some(d) = dev {
-        d.watch(1, base as u64, (n * page) as u64).expect("watch");
+        d.watch(base as u64, (n * page) as u64).expect("watch");
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -105,15 +105,18 @@ fn main() {
     // The miss path's extra cost: one WATCH before registering, one UNWATCH after.
     let base = map(n);
     let (mut w, mut u) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        dev.watch(100 + i as u64, (base + i * page) as u64, page as u64)
+        let id = dev
+            .watch((base + i * page) as u64, page as u64)
             .expect("watch");
         w.push(t.elapsed().as_nanos() as u64);
+        ids.push(id);
     }
-    for i in 0..n {
+    for id in ids {
         let t = Instant::now();
-        dev.unwatch(100 + i as u64).expect("unwatch");
+        dev.unwatch(id).expect("unwatch");
         u.push(t.elapsed().as_nanos() as u64);
     }
     // SAFETY: our own mapping.
@@ -131,7 +134,7 @@ fn main() {
     let clock = Instant::now();
     let now = move || clock.elapsed().as_nanos() as u64;
     let base = map(n);
-    dev.watch(2, base as u64, (n * page) as u64).expect("watch");
+    dev.watch(base as u64, (n * page) as u64).expect("watch");
     let _ = dev.read_events();
     // The observer publishes the time it first saw each new generation value: time first,
     // then (release) the value, so a reader that sees the value also sees its time.

@@ -12,22 +12,42 @@ use crate::error::{Error, Result};
 use crate::sys;
 
 /// What an event record says happened to a watched range.
+///
+/// The kind is the kernel's hint, not a contract: treat every kind as an invalidation (as
+/// [`crate::KmodSource`] does). What Linux 6.1 (Debian 12) actually reports:
+///
+/// | kind | operations |
+/// |---|---|
+/// | [`Unmap`](EventKind::Unmap) | munmap, mremap move/shrink, `mmap(MAP_FIXED)` over the range, OOM reaper |
+/// | [`Clear`](EventKind::Clear) | madvise DONTNEED/FREE/REMOVE, truncation and hole punching, COW break after fork, reclaim/swap-out, **every ordinary page migration** (NUMA balancing, compaction, `move_pages`, hot-unplug), **KSM merging**, THP split/collapse |
+/// | [`ProtectionVma`](EventKind::ProtectionVma) | mprotect |
+/// | [`ProtectionPage`](EventKind::ProtectionPage) | fork write-protecting the parent's private pages, writeback cleaning dirty shared file pages |
+/// | [`SoftDirty`](EventKind::SoftDirty) | `echo 4 > /proc/<pid>/clear_refs` |
+/// | [`Release`](EventKind::Release) | the address space is torn down (exit, execve) |
+/// | [`Migrate`](EventKind::Migrate) | only migration to/from device-private memory (HMM drivers) |
+/// | [`Exclusive`](EventKind::Exclusive) | device-exclusive access for device atomics |
+///
+/// So KSM and ordinary migration arrive as `Clear`, not `ProtectionPage` or `Migrate`;
+/// other kernels may differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum EventKind {
-    /// munmap, mremap move or shrink (`MMU_NOTIFY_UNMAP`).
+    /// munmap, mremap move or shrink, `mmap(MAP_FIXED)` over it (`MMU_NOTIFY_UNMAP`).
     Unmap,
-    /// Page table entries cleared: madvise, COW break, reclaim, truncate (`MMU_NOTIFY_CLEAR`).
+    /// Page table entries cleared: madvise, COW break, reclaim, truncate, KSM merging and
+    /// ordinary page migration (`MMU_NOTIFY_CLEAR`).
     Clear,
     /// mprotect (`MMU_NOTIFY_PROTECTION_VMA`).
     ProtectionVma,
-    /// Write-protection of pages: fork, KSM, uffd-wp (`MMU_NOTIFY_PROTECTION_PAGE`).
+    /// Write-protection of pages: fork's write-protect of the parent, writeback cleaning
+    /// (`MMU_NOTIFY_PROTECTION_PAGE`; on 6.1 not KSM, which arrives as [`Clear`](Self::Clear)).
     ProtectionPage,
     /// Soft-dirty reset (`MMU_NOTIFY_SOFT_DIRTY`).
     SoftDirty,
     /// The address space is torn down (`MMU_NOTIFY_RELEASE`).
     Release,
-    /// Page migration (`MMU_NOTIFY_MIGRATE`).
+    /// Migration to or from device-private memory (`MMU_NOTIFY_MIGRATE`; ordinary page
+    /// migration arrives as [`Clear`](Self::Clear)).
     Migrate,
     /// Device-exclusive access (`MMU_NOTIFY_EXCLUSIVE`).
     Exclusive,
@@ -58,8 +78,9 @@ impl EventKind {
 /// One invalidation delivered by `read()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// Cookie of the watch it hit (0 for [`EventKind::Overflow`]).
-    pub cookie: u64,
+    /// Id of the watch it hit, as [`NotifyDevice::watch`] returned it (0 for
+    /// [`EventKind::Overflow`]).
+    pub id: u64,
     /// First byte invalidated, clipped to the watch.
     pub start: u64,
     /// One past the last byte invalidated, clipped to the watch (`u64::MAX` for an overflow).
@@ -73,7 +94,7 @@ pub struct Event {
 impl From<sys::umm_notify_record> for Event {
     fn from(r: sys::umm_notify_record) -> Event {
         Event {
-            cookie: r.cookie,
+            id: r.id,
             start: r.start,
             end: r.end,
             kind: EventKind::from_raw(r.kind),
@@ -97,6 +118,16 @@ pub struct Info {
 
 /// One open file of `/dev/umm_notify`: binds the opening process's address space.
 ///
+/// # Fork
+///
+/// The file belongs to the process that opened it. In a fork child, every method that would
+/// talk to the kernel ([`watch`](Self::watch), [`unwatch`](Self::unwatch), the reads, polls
+/// and [`info`](Self::info)) fails with [`Error::ForkedChild`] without a system call (the
+/// module would refuse with `EPERM` anyway), so the child can neither remove the parent's
+/// watches nor consume its records. Dropping the child's copy only closes the child's
+/// descriptor and unmaps its copy of the page; the parent's watches stay. A child that wants
+/// notifications opens the device itself.
+///
 /// Opened non-blocking: [`read_events`](NotifyDevice::read_events) never waits; use
 /// [`wait_readable`](NotifyDevice::wait_readable) to sleep until an event arrives. The
 /// generation page is mapped read-only for the lifetime of the value. Dropping it closes
@@ -108,6 +139,8 @@ pub struct NotifyDevice {
     shared: NonNull<sys::umm_notify_shared>,
     page_len: usize,
     path: PathBuf,
+    /// The process that opened the file; the only one that may use it.
+    opener: u32,
 }
 
 // SAFETY: the fd is a plain kernel object usable from any thread, and the mapped page is
@@ -129,6 +162,9 @@ impl NotifyDevice {
     }
 
     /// Opens the device at `path`, checks its ABI version and maps the generation page.
+    ///
+    /// A missing node is [`Error::NotLoaded`] (its message says how to install the module),
+    /// a node this user may not open [`Error::PermissionDenied`].
     pub fn open_path(path: impl AsRef<Path>) -> Result<NotifyDevice> {
         let path = path.as_ref().to_path_buf();
         let c_path =
@@ -144,9 +180,13 @@ impl NotifyDevice {
             )
         };
         if raw < 0 {
-            return Err(Error::Open {
-                path,
-                source: io::Error::last_os_error(),
+            let source = io::Error::last_os_error();
+            return Err(match source.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ENXIO) | Some(libc::ENODEV) => {
+                    Error::NotLoaded { path }
+                }
+                Some(libc::EACCES) => Error::PermissionDenied { path },
+                _ => Error::Open { path, source },
             });
         }
         // SAFETY: `raw` is a freshly opened descriptor that nothing else owns.
@@ -197,7 +237,31 @@ impl NotifyDevice {
             shared,
             page_len,
             path,
+            opener: std::process::id(),
         })
+    }
+
+    /// The process that opened the file.
+    pub fn opener(&self) -> u32 {
+        self.opener
+    }
+
+    /// Whether the caller is not the process that opened the file (a fork child's copy).
+    pub fn is_forked_copy(&self) -> bool {
+        std::process::id() != self.opener
+    }
+
+    /// `Err(`[`Error::ForkedChild`]`)` in a fork child.
+    fn check_owner(&self) -> Result<()> {
+        let caller = std::process::id();
+        if caller != self.opener {
+            return Err(Error::ForkedChild {
+                path: self.path.clone(),
+                opener: self.opener,
+                caller,
+            });
+        }
+        Ok(())
     }
 
     /// The device path this file was opened from.
@@ -228,6 +292,7 @@ impl NotifyDevice {
 
     /// `UMM_NOTIFY_IOC_INFO`.
     pub fn info(&self) -> Result<Info> {
+        self.check_owner()?;
         let mut info = sys::umm_notify_info::default();
         // SAFETY: INFO writes exactly one `umm_notify_info` to the pointer.
         let rc = unsafe {
@@ -251,43 +316,64 @@ impl NotifyDevice {
         })
     }
 
-    /// `UMM_NOTIFY_IOC_WATCH`: report every invalidation of `[start, start + len)` under
-    /// `cookie`. The range must be page aligned and non-empty (the kernel checks: an
-    /// unaligned or empty range is `EINVAL`, a wrapping one `EOVERFLOW`, a cookie already
-    /// watched `EEXIST`).
-    pub fn watch(&self, cookie: u64, start: u64, len: u64) -> Result<()> {
-        self.watch_raw(&sys::umm_notify_watch {
+    /// `UMM_NOTIFY_IOC_WATCH`: report every invalidation of `[start, start + len)`; returns
+    /// the id the module allocated for the watch (records carry it; [`unwatch`](Self::unwatch)
+    /// takes it). The range must be page aligned and non-empty (the kernel checks: an
+    /// unaligned or empty range is `EINVAL`, a wrapping one `EOVERFLOW`). When the file
+    /// already holds the module's `max_watches` watches this is [`Error::WatchLimit`].
+    ///
+    /// Returns only after any invalidation of the address space that was already running has
+    /// finished, so pages read (registered) after it returns are not being torn down unseen.
+    pub fn watch(&self, start: u64, len: u64) -> Result<u64> {
+        let mut req = sys::umm_notify_watch {
             start,
             len,
-            cookie,
+            id: 0,
             flags: 0,
-        })
+        };
+        self.watch_raw(&mut req)
     }
 
-    /// `UMM_NOTIFY_IOC_WATCH` with every field as given (tests pass bad flags through this).
-    pub fn watch_raw(&self, req: &sys::umm_notify_watch) -> Result<()> {
-        // SAFETY: WATCH reads exactly one `umm_notify_watch` from the pointer.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), sys::UMM_NOTIFY_IOC_WATCH as _, req) };
+    /// `UMM_NOTIFY_IOC_WATCH` with every field as given (tests pass bad flags through this);
+    /// the kernel writes the id to `req.id`, which is also returned.
+    pub fn watch_raw(&self, req: &mut sys::umm_notify_watch) -> Result<u64> {
+        self.check_owner()?;
+        // SAFETY: WATCH reads one `umm_notify_watch` from the pointer and writes it back.
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                sys::UMM_NOTIFY_IOC_WATCH as _,
+                req as *mut sys::umm_notify_watch,
+            )
+        };
         if rc < 0 {
+            let source = io::Error::last_os_error();
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(Error::WatchLimit {
+                    start: req.start,
+                    len: req.len,
+                    max_watches: self.info().map(|i| i.max_watches).unwrap_or(0),
+                });
+            }
             return Err(Error::Watch {
-                cookie: req.cookie,
                 start: req.start,
                 len: req.len,
-                source: io::Error::last_os_error(),
+                source,
             });
         }
-        Ok(())
+        Ok(req.id)
     }
 
-    /// `UMM_NOTIFY_IOC_UNWATCH`: stop reporting the watch `cookie` (`ENOENT` if unknown).
-    pub fn unwatch(&self, cookie: u64) -> Result<()> {
-        let req = sys::umm_notify_unwatch { cookie, flags: 0 };
+    /// `UMM_NOTIFY_IOC_UNWATCH`: stop reporting the watch `id` (`ENOENT` if unknown).
+    pub fn unwatch(&self, id: u64) -> Result<()> {
+        self.check_owner()?;
+        let req = sys::umm_notify_unwatch { id, flags: 0 };
         // SAFETY: UNWATCH reads exactly one `umm_notify_unwatch` from the pointer.
         let rc =
             unsafe { libc::ioctl(self.fd.as_raw_fd(), sys::UMM_NOTIFY_IOC_UNWATCH as _, &req) };
         if rc < 0 {
             return Err(Error::Unwatch {
-                cookie,
+                id,
                 source: io::Error::last_os_error(),
             });
         }
@@ -297,6 +383,7 @@ impl NotifyDevice {
     /// Reads pending records into `buf` without waiting; returns how many were read (0 when
     /// none is pending). An [`EventKind::Overflow`] record comes alone.
     pub fn read_records(&self, buf: &mut [sys::umm_notify_record]) -> Result<usize> {
+        self.check_owner()?;
         if buf.is_empty() {
             return Ok(0);
         }
@@ -337,6 +424,7 @@ impl NotifyDevice {
 
     /// Waits until a record is pending or `timeout` passes; returns whether one is pending.
     pub fn wait_readable(&self, timeout: Duration) -> Result<bool> {
+        self.check_owner()?;
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -377,6 +465,7 @@ impl Drop for NotifyDevice {
         // SAFETY: unmaps exactly the page mapped in `open_path`; no reference into it
         // outlives `self` (`generation()` borrows `self`).
         unsafe { libc::munmap(self.shared.as_ptr().cast(), self.page_len) };
-        // The fd closes after this; the kernel then removes every watch of this file.
+        // The fd closes after this; the kernel removes every watch of this file when its
+        // last descriptor closes (in a fork child this closes only the child's descriptor).
     }
 }

@@ -31,17 +31,33 @@
 //! ```
 //!
 //! Without the module, [`NotifyDevice::is_available`] is false and [`KmodSource::open`]
-//! fails with [`Error::Open`]:
+//! fails with [`Error::NotLoaded`], whose message says how to install the module (DKMS:
+//! `scripts/install-kmod.sh`, see `kmod-notifier/README.md`):
 //!
 //! ```
 //! use umm_kmod::{Error, KmodSource, NotifyDevice};
 //!
 //! match KmodSource::open() {
 //!     Ok(source) => assert!(NotifyDevice::is_available() && source.device().info().is_ok()),
-//!     Err(Error::Open { .. }) => assert!(!NotifyDevice::is_available()),
+//!     Err(e @ Error::NotLoaded { .. }) => {
+//!         assert!(!NotifyDevice::is_available());
+//!         assert!(e.to_string().contains("install-kmod.sh"));
+//!     }
+//!     // Installed, but this user is not in the device's group.
+//!     Err(Error::PermissionDenied { .. }) => {}
 //!     Err(e) => panic!("unexpected: {e}"),
 //! }
 //! ```
+//!
+//! # What a fork child gets
+//!
+//! Nothing from the parent's source: the open file belongs to the process that opened it.
+//! In the child, [`NotifyDevice`] methods fail with [`Error::ForkedChild`] and a
+//! [`KmodSource`] ignores `unwatch`/`drain`/`detach` (no system call), so the child can neither
+//! remove the parent's watches nor consume its records, and the module refuses every use of
+//! the inherited file from another address space with `EPERM` besides. The parent keeps
+//! receiving every event of its watches. The child's copy of the manager refuses to pin
+//! (`umm::Error::ForkedChild`); a child that needs a cache opens its own source.
 
 pub mod device;
 pub mod error;

@@ -17,8 +17,9 @@ compile_error!(
 
 use std::mem::size_of;
 
-/// `UMM_NOTIFY_ABI_VERSION`: bumped on every incompatible change of the header.
-pub const UMM_NOTIFY_ABI_VERSION: u32 = 1;
+/// `UMM_NOTIFY_ABI_VERSION`: bumped on every incompatible change of the header (2: ids
+/// allocated by the module, every use from another address space refused).
+pub const UMM_NOTIFY_ABI_VERSION: u32 = 2;
 
 /// `UMM_NOTIFY_DEVICE`: the device node.
 pub const UMM_NOTIFY_DEVICE: &str = "/dev/umm_notify";
@@ -31,8 +32,9 @@ pub struct umm_notify_watch {
     pub start: u64,
     /// (in) length; page aligned, non-zero, no overflow.
     pub len: u64,
-    /// (in) the caller's name for the watch, unique per open file.
-    pub cookie: u64,
+    /// (in) must be 0; (out) the id the module allocated (1..=max_watches, unique in the
+    /// open file while the watch exists).
+    pub id: u64,
     /// (in) must be 0.
     pub flags: u64,
 }
@@ -41,8 +43,8 @@ pub struct umm_notify_watch {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct umm_notify_unwatch {
-    /// (in) cookie of a watch of this file.
-    pub cookie: u64,
+    /// (in) id of a watch of this file, as returned by WATCH.
+    pub id: u64,
     /// (in) must be 0.
     pub flags: u64,
 }
@@ -67,19 +69,20 @@ pub struct umm_notify_info {
 
 /// `enum umm_notify_event` value 0: reserved.
 pub const UMM_NOTIFY_EVENT_NONE: u32 = 0;
-/// munmap, mremap move or shrink.
+/// munmap, mremap move or shrink, `mmap(MAP_FIXED)` over the range.
 pub const UMM_NOTIFY_EVENT_UNMAP: u32 = 1;
-/// Page table entries cleared: madvise, COW break, reclaim, truncate.
+/// Page table entries cleared: madvise, COW break, reclaim, truncate, and on Linux 6.1
+/// also KSM merging and every ordinary page migration (see [`crate::EventKind`]).
 pub const UMM_NOTIFY_EVENT_CLEAR: u32 = 2;
 /// mprotect.
 pub const UMM_NOTIFY_EVENT_PROTECTION_VMA: u32 = 3;
-/// Write-protection of pages (fork, KSM, uffd-wp).
+/// Write-protection of pages: fork's write-protect of the parent, `page_mkclean`.
 pub const UMM_NOTIFY_EVENT_PROTECTION_PAGE: u32 = 4;
 /// Soft-dirty tracking reset.
 pub const UMM_NOTIFY_EVENT_SOFT_DIRTY: u32 = 5;
 /// The address space is torn down (exit).
 pub const UMM_NOTIFY_EVENT_RELEASE: u32 = 6;
-/// Page migration.
+/// Migration to or from device-private memory (ordinary migration arrives as CLEAR).
 pub const UMM_NOTIFY_EVENT_MIGRATE: u32 = 7;
 /// Device-exclusive access.
 pub const UMM_NOTIFY_EVENT_EXCLUSIVE: u32 = 8;
@@ -92,8 +95,8 @@ pub const UMM_NOTIFY_EVENT_OVERFLOW: u32 = 255;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct umm_notify_record {
-    /// Cookie of the watch it hit (0 for an overflow).
-    pub cookie: u64,
+    /// Id of the watch it hit (0 for an overflow).
+    pub id: u64,
     /// First byte invalidated, clipped to the watch.
     pub start: u64,
     /// One past the last byte invalidated, clipped to the watch.
@@ -138,9 +141,9 @@ pub const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
         | ((size as u32) << IOC_SIZESHIFT)
 }
 
-/// `UMM_NOTIFY_IOC_WATCH`: `_IOW(0xB9, 1, struct umm_notify_watch)`.
+/// `UMM_NOTIFY_IOC_WATCH`: `_IOWR(0xB9, 1, struct umm_notify_watch)`.
 pub const UMM_NOTIFY_IOC_WATCH: u32 = ioc(
-    IOC_WRITE,
+    IOC_READ | IOC_WRITE,
     UMM_NOTIFY_IOC_MAGIC,
     1,
     size_of::<umm_notify_watch>(),
@@ -166,7 +169,7 @@ const _: () = {
     assert!(size_of::<umm_notify_info>() == 32);
     assert!(size_of::<umm_notify_record>() == 40);
     assert!(size_of::<umm_notify_shared>() == 24);
-    assert!(UMM_NOTIFY_IOC_WATCH == 0x4020_B901);
+    assert!(UMM_NOTIFY_IOC_WATCH == 0xC020_B901);
     assert!(UMM_NOTIFY_IOC_UNWATCH == 0x4010_B902);
     assert!(UMM_NOTIFY_IOC_INFO == 0x8020_B903);
 };
@@ -208,10 +211,10 @@ mod tests {
             align!(umm_notify_watch),
             off!(umm_notify_watch, start),
             off!(umm_notify_watch, len),
-            off!(umm_notify_watch, cookie),
+            off!(umm_notify_watch, id),
             off!(umm_notify_watch, flags),
             size!(umm_notify_unwatch),
-            off!(umm_notify_unwatch, cookie),
+            off!(umm_notify_unwatch, id),
             off!(umm_notify_unwatch, flags),
             size!(umm_notify_info),
             off!(umm_notify_info, abi_version),
@@ -222,7 +225,7 @@ mod tests {
             off!(umm_notify_info, shared_size),
             size!(umm_notify_record),
             align!(umm_notify_record),
-            off!(umm_notify_record, cookie),
+            off!(umm_notify_record, id),
             off!(umm_notify_record, start),
             off!(umm_notify_record, end),
             off!(umm_notify_record, kind),

@@ -103,10 +103,9 @@ impl Map {
         }
     }
 
-    /// Watches the whole mapping under `cookie`.
-    fn watch(&self, dev: &NotifyDevice, cookie: u64) {
-        dev.watch(cookie, self.addr as u64, self.len as u64)
-            .expect("watch");
+    /// Watches the whole mapping; returns the watch's id.
+    fn watch(&self, dev: &NotifyDevice) -> u64 {
+        dev.watch(self.addr as u64, self.len as u64).expect("watch")
     }
 }
 
@@ -146,11 +145,11 @@ fn errno_of(r: Result<(), Error>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
 
-/// The events of `dev` that hit `cookie`, as (start, end) per kind.
-fn find(events: &[Event], cookie: u64, kind: EventKind, start: usize, end: usize) -> bool {
-    events.iter().any(|e| {
-        e.cookie == cookie && e.kind == kind && e.start == start as u64 && e.end == end as u64
-    })
+/// Whether `events` has one of `kind` for the watch `id` over exactly `[start, end)`.
+fn find(events: &[Event], id: u64, kind: EventKind, start: usize, end: usize) -> bool {
+    events
+        .iter()
+        .any(|e| e.id == id && e.kind == kind && e.start == start as u64 && e.end == end as u64)
 }
 
 fn errno() -> i32 {
@@ -163,7 +162,7 @@ fn munmap_whole() -> Outcome {
     let dev = open();
     let mut m = Map::anon(4);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     m.unmap(0, 4);
     let g1 = gen(&dev);
@@ -173,7 +172,7 @@ fn munmap_whole() -> Outcome {
     );
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Unmap, m.addr, m.addr + m.len),
+        find(&ev, id, EventKind::Unmap, m.addr, m.addr + m.len),
         "no UNMAP of the whole range: {ev:?}"
     );
     ensure!(
@@ -186,13 +185,13 @@ fn munmap_whole() -> Outcome {
 fn munmap_part() -> Outcome {
     let dev = open();
     let mut m = Map::anon(4);
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     m.unmap(1, 2);
     ensure!(gen(&dev) > g0, "generation not bumped when munmap returned");
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Unmap, m.at(1), m.at(3)),
+        find(&ev, id, EventKind::Unmap, m.at(1), m.at(3)),
         "no UNMAP of pages 1..3: {ev:?}"
     );
     ensure!(
@@ -206,9 +205,11 @@ fn munmap_part() -> Outcome {
 fn munmap_straddling_two_watches() -> Outcome {
     let dev = open();
     let mut m = Map::anon(4);
-    dev.watch(1, m.at(0) as u64, 2 * page() as u64)
+    let id1 = dev
+        .watch(m.at(0) as u64, 2 * page() as u64)
         .map_err(|e| e.to_string())?;
-    dev.watch(2, m.at(2) as u64, 2 * page() as u64)
+    let id2 = dev
+        .watch(m.at(2) as u64, 2 * page() as u64)
         .map_err(|e| e.to_string())?;
     let g0 = gen(&dev);
     m.unmap(1, 2);
@@ -218,11 +219,11 @@ fn munmap_straddling_two_watches() -> Outcome {
     );
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Unmap, m.at(1), m.at(2)),
+        find(&ev, id1, EventKind::Unmap, m.at(1), m.at(2)),
         "watch 1 not clipped to page 1: {ev:?}"
     );
     ensure!(
-        find(&ev, 2, EventKind::Unmap, m.at(2), m.at(3)),
+        find(&ev, id2, EventKind::Unmap, m.at(2), m.at(3)),
         "watch 2 not clipped to page 2: {ev:?}"
     );
     Ok(())
@@ -233,7 +234,7 @@ fn mremap_move() -> Outcome {
     let mut m = Map::anon(4);
     m.touch();
     let dst = Map::anon(4);
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: moves our mapping onto our other mapping (replacing it).
     let p = unsafe {
@@ -255,7 +256,7 @@ fn mremap_move() -> Outcome {
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
         ev.iter()
-            .any(|e| e.cookie == 1 && e.start == m.addr as u64 && e.end == (m.addr + m.len) as u64),
+            .any(|e| e.id == id && e.start == m.addr as u64 && e.end == (m.addr + m.len) as u64),
         "no event over the old range: {ev:?}"
     );
     Ok(())
@@ -265,7 +266,7 @@ fn mremap_shrink() -> Outcome {
     let dev = open();
     let mut m = Map::anon(4);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: shrinks our own mapping in place.
     let p = unsafe { libc::mremap(m.addr as *mut _, m.len, 2 * page(), 0) };
@@ -278,7 +279,7 @@ fn mremap_shrink() -> Outcome {
     ensure!(gen(&dev) > g0, "generation not bumped when mremap returned");
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Unmap, m.at(2), m.at(4)),
+        find(&ev, id, EventKind::Unmap, m.at(2), m.at(4)),
         "no UNMAP of the cut tail: {ev:?}"
     );
     Ok(())
@@ -288,7 +289,7 @@ fn mmap_fixed_over() -> Outcome {
     let dev = open();
     let m = Map::anon(4);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: replaces the first two pages of our own mapping.
     let p = unsafe {
@@ -308,7 +309,7 @@ fn mmap_fixed_over() -> Outcome {
     );
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Unmap, m.at(0), m.at(2)),
+        find(&ev, id, EventKind::Unmap, m.at(0), m.at(2)),
         "no UNMAP of the replaced pages: {ev:?}"
     );
     Ok(())
@@ -318,7 +319,7 @@ fn madvise_dontneed() -> Outcome {
     let dev = open();
     let m = Map::anon(4);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: our own mapping.
     let rc = unsafe { libc::madvise(m.addr as *mut _, m.len, libc::MADV_DONTNEED) };
@@ -329,7 +330,7 @@ fn madvise_dontneed() -> Outcome {
     );
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Clear, m.addr, m.addr + m.len),
+        find(&ev, id, EventKind::Clear, m.addr, m.addr + m.len),
         "no CLEAR of the range: {ev:?}"
     );
     Ok(())
@@ -339,7 +340,7 @@ fn mprotect_is_recorded() -> Outcome {
     let dev = open();
     let m = Map::anon(2);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: our own mapping.
     let rc = unsafe { libc::mprotect(m.addr as *mut _, m.len, libc::PROT_READ) };
@@ -351,7 +352,7 @@ fn mprotect_is_recorded() -> Outcome {
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
         ev.iter()
-            .any(|e| e.cookie == 1 && e.kind == EventKind::ProtectionVma),
+            .any(|e| e.id == id && e.kind == EventKind::ProtectionVma),
         "no PROTECTION_VMA: {ev:?}"
     );
     Ok(())
@@ -365,7 +366,8 @@ fn free_of_large_malloc_block() -> Outcome {
     ensure!(p != 0, "malloc failed");
     let start = (p + page() - 1) & !(page() - 1);
     let end = (p + size) & !(page() - 1);
-    dev.watch(1, start as u64, (end - start) as u64)
+    let id = dev
+        .watch(start as u64, (end - start) as u64)
         .map_err(|e| e.to_string())?;
     let g0 = gen(&dev);
     // SAFETY: frees the block allocated above; glibc munmaps it internally (mmapped chunk).
@@ -373,7 +375,7 @@ fn free_of_large_malloc_block() -> Outcome {
     ensure!(gen(&dev) > g0, "generation not bumped when free() returned");
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Unmap, start, end),
+        find(&ev, id, EventKind::Unmap, start, end),
         "no UNMAP of the block: {ev:?}"
     );
     Ok(())
@@ -382,7 +384,7 @@ fn free_of_large_malloc_block() -> Outcome {
 fn raw_syscall_munmap() -> Outcome {
     let dev = open();
     let mut m = Map::anon(2);
-    m.watch(&dev, 1);
+    m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: unmaps our own mapping with the raw syscall (what static binaries do).
     let rc = unsafe { libc::syscall(libc::SYS_munmap, m.addr, m.len) };
@@ -399,7 +401,7 @@ fn cow_break_after_fork() -> Outcome {
     let dev = open();
     let m = Map::anon(1);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let mut pipe = [0i32; 2];
     // SAFETY: valid array of two fds.
     ensure!(unsafe { libc::pipe(pipe.as_mut_ptr()) } == 0, "pipe failed");
@@ -430,7 +432,7 @@ fn cow_break_after_fork() -> Outcome {
     ensure!(g1 > g0, "generation not bumped by the COW-breaking write");
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        find(&ev, 1, EventKind::Clear, m.addr, m.addr + page()),
+        find(&ev, id, EventKind::Clear, m.addr, m.addr + page()),
         "no CLEAR for the COW break: {ev:?}"
     );
     Ok(())
@@ -440,14 +442,14 @@ fn fork_child_inherits_no_watch() -> Outcome {
     let dev = open();
     let m = Map::anon(2);
     m.touch();
-    m.watch(&dev, 1);
+    m.watch(&dev);
     // SAFETY: the child only makes raw syscalls and exits.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         let req = sys::umm_notify_watch {
             start: m.addr as u64,
             len: m.len as u64,
-            cookie: 99,
+            id: 0,
             flags: 0,
         };
         // SAFETY: WATCH on the inherited fd, then unmap the child's copy and exit.
@@ -492,7 +494,7 @@ fn truncate_by_another_process() -> Outcome {
     ensure!(rc == 0, "ftruncate failed");
     let m = Map::with(4, libc::MAP_SHARED, fd);
     m.touch();
-    m.watch(&dev, 1);
+    let id = m.watch(&dev);
     let g0 = gen(&dev);
     // SAFETY: the child truncates the shared file and exits.
     let pid = unsafe { libc::fork() };
@@ -516,8 +518,7 @@ fn truncate_by_another_process() -> Outcome {
     );
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        ev.iter()
-            .any(|e| e.cookie == 1 && e.kind == EventKind::Clear),
+        ev.iter().any(|e| e.id == id && e.kind == EventKind::Clear),
         "no CLEAR event: {ev:?}"
     );
     Ok(())
@@ -526,26 +527,31 @@ fn truncate_by_another_process() -> Outcome {
 fn unwatch_stops_events_and_overlaps_are_independent() -> Outcome {
     let dev = open();
     let mut m = Map::anon(4);
-    m.watch(&dev, 1);
-    m.watch(&dev, 2); // the same range under another cookie
-    dev.watch(3, m.at(1) as u64, page() as u64)
+    let id1 = m.watch(&dev);
+    let id2 = m.watch(&dev); // the same range, another watch
+    let id3 = dev
+        .watch(m.at(1) as u64, page() as u64)
         .map_err(|e| e.to_string())?;
-    dev.unwatch(1).map_err(|e| e.to_string())?;
+    ensure!(
+        id1 != id2 && id2 != id3 && id1 != id3,
+        "ids not unique: {id1} {id2} {id3}"
+    );
+    dev.unwatch(id1).map_err(|e| e.to_string())?;
     let g0 = gen(&dev);
     m.unmap(0, 2);
     ensure!(
         gen(&dev) == g0 + 2,
-        "expected exactly two events (cookies 2 and 3), generation {g0} -> {}",
+        "expected exactly two events (watches 2 and 3), generation {g0} -> {}",
         gen(&dev)
     );
     let ev = dev.read_events().map_err(|e| e.to_string())?;
     ensure!(
-        !ev.iter().any(|e| e.cookie == 1),
-        "unwatched cookie 1 reported: {ev:?}"
+        !ev.iter().any(|e| e.id == id1),
+        "unwatched watch reported: {ev:?}"
     );
     ensure!(
-        find(&ev, 2, EventKind::Unmap, m.at(0), m.at(2))
-            && find(&ev, 3, EventKind::Unmap, m.at(1), m.at(2)),
+        find(&ev, id2, EventKind::Unmap, m.at(0), m.at(2))
+            && find(&ev, id3, EventKind::Unmap, m.at(1), m.at(2)),
         "{ev:?}"
     );
     Ok(())
@@ -554,7 +560,7 @@ fn unwatch_stops_events_and_overlaps_are_independent() -> Outcome {
 fn poll_and_read() -> Outcome {
     let dev = open();
     let mut m = Map::anon(1);
-    m.watch(&dev, 1);
+    m.watch(&dev);
     let _ = dev.read_events();
     ensure!(
         !dev.wait_readable(Duration::ZERO)
@@ -579,7 +585,7 @@ fn poll_and_read() -> Outcome {
     // Blocking read from another thread is woken by the event.
     let dev = Arc::new(dev);
     let mut m2 = Map::anon(1);
-    m2.watch(&dev, 2);
+    m2.watch(&dev);
     let d2 = dev.clone();
     let waiter = std::thread::spawn(move || d2.wait_readable(Duration::from_secs(20)));
     std::thread::sleep(Duration::from_millis(50));
@@ -602,7 +608,7 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: a + 1,
                 len: p,
-                cookie: 1,
+                id: 0,
                 flags: 0,
             },
             libc::EINVAL,
@@ -612,7 +618,7 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: a,
                 len: p + 1,
-                cookie: 1,
+                id: 0,
                 flags: 0,
             },
             libc::EINVAL,
@@ -622,7 +628,7 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: a,
                 len: 0,
-                cookie: 1,
+                id: 0,
                 flags: 0,
             },
             libc::EINVAL,
@@ -632,7 +638,7 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: a,
                 len: p,
-                cookie: 1,
+                id: 0,
                 flags: 1,
             },
             libc::EINVAL,
@@ -642,7 +648,7 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: !(p - 1),
                 len: 2 * p,
-                cookie: 1,
+                id: 0,
                 flags: 0,
             },
             libc::EOVERFLOW,
@@ -652,7 +658,7 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: 0xffff_8000_0000_0000,
                 len: p,
-                cookie: 1,
+                id: 0,
                 flags: 0,
             },
             libc::EFAULT,
@@ -662,36 +668,42 @@ fn bad_ioctls_return_clear_errnos() -> Outcome {
             sys::umm_notify_watch {
                 start: (1 << 56) - p,
                 len: 2 * p,
-                cookie: 1,
+                id: 0,
                 flags: 0,
             },
             libc::EFAULT,
         ),
     ];
-    for (what, req, want) in cases {
-        let got = errno_of(dev.watch_raw(&req));
+    for (what, mut req, want) in cases {
+        let got = errno_of(dev.watch_raw(&mut req).map(drop));
         ensure!(got == Some(want), "{what}: errno {got:?}, want {want}");
     }
     ensure!(
         dev.info().map_err(|e| e.to_string())?.watches == 0,
         "a bad WATCH left a watch"
     );
-    dev.watch(7, a, p).map_err(|e| e.to_string())?;
-    let got = errno_of(dev.watch(7, a + p, p));
-    ensure!(
-        got == Some(libc::EEXIST),
-        "double watch of a cookie: errno {got:?}, want EEXIST"
-    );
-    let got = errno_of(dev.unwatch(8));
-    ensure!(
-        got == Some(libc::ENOENT),
-        "unwatch of an unknown cookie: errno {got:?}, want ENOENT"
-    );
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
-    let bad_unwatch = sys::umm_notify_unwatch {
-        cookie: 7,
-        flags: 2,
+    let id = dev.watch(a, p).map_err(|e| e.to_string())?;
+    ensure!(id == 1, "first id of a fresh file is {id}, want 1");
+    let mut with_id = sys::umm_notify_watch {
+        start: a,
+        len: p,
+        id: 5,
+        flags: 0,
     };
+    let got = errno_of(dev.watch_raw(&mut with_id).map(drop));
+    ensure!(
+        got == Some(libc::EINVAL),
+        "WATCH with a caller-chosen id: errno {got:?}, want EINVAL"
+    );
+    for unknown in [0, id + 1, 1 << 32, u64::MAX] {
+        let got = errno_of(dev.unwatch(unknown));
+        ensure!(
+            got == Some(libc::ENOENT),
+            "unwatch of unknown id {unknown:#x}: errno {got:?}, want ENOENT"
+        );
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
+    let bad_unwatch = sys::umm_notify_unwatch { id, flags: 2 };
     // SAFETY: UNWATCH reads one umm_notify_unwatch.
     let rc = unsafe { libc::ioctl(fd, sys::UMM_NOTIFY_IOC_UNWATCH as _, &bad_unwatch) };
     ensure!(
@@ -793,7 +805,7 @@ fn ring_overflow_becomes_invalidate_all() -> Outcome {
     let dev = source.device();
     let ring = dev.info().map_err(|e| e.to_string())?.ring_entries as u64;
     let mut m = Map::anon(BURST + 1);
-    m.watch(dev, 1);
+    m.watch(dev);
     let g0 = gen(dev);
     let o0 = dev.overflows();
     for i in 0..BURST {
@@ -870,7 +882,7 @@ fn process_exit_releases_everything() -> Outcome {
                 let req = sys::umm_notify_watch {
                     start: p as u64 + i * page() as u64,
                     len: page() as u64,
-                    cookie: i,
+                    id: 0,
                     flags: 0,
                 };
                 ok &= libc::ioctl(fd, sys::UMM_NOTIFY_IOC_WATCH as _, &req) == 0;
@@ -912,7 +924,6 @@ fn concurrent_watch_unwatch_munmap() -> Outcome {
             let mut own: Option<NotifyDevice> = None;
             while !stop.load(Ordering::Relaxed) {
                 k += 1;
-                let cookie = (t << 40) | k;
                 let m = Map::anon(8);
                 m.touch();
                 let d: &NotifyDevice = if t == 3 && k.is_multiple_of(2) {
@@ -920,12 +931,14 @@ fn concurrent_watch_unwatch_munmap() -> Outcome {
                 } else {
                     &dev
                 };
-                if let Err(e) = d.watch(cookie, m.addr as u64, m.len as u64) {
-                    failures.lock().unwrap().push(format!("thread {t}: {e}"));
-                    break;
-                }
-                d.watch(cookie | 1 << 39, m.at(2) as u64, 4 * page() as u64)
-                    .ok();
+                let id = match d.watch(m.addr as u64, m.len as u64) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        failures.lock().unwrap().push(format!("thread {t}: {e}"));
+                        break;
+                    }
+                };
+                let inner = d.watch(m.at(2) as u64, 4 * page() as u64).ok();
                 let g0 = gen(d);
                 // Replace two pages (an unmap for the notifier) so the range stays ours:
                 // a plain hole could be reused by another thread's mapping before `m` drops.
@@ -946,12 +959,18 @@ fn concurrent_watch_unwatch_munmap() -> Outcome {
                         "thread {t}: munmap returned before the generation moved"
                     ));
                 }
+                // Ids are reused after UNWATCH: unwatch each exactly once (a second UNWATCH
+                // could remove another thread's watch that got the same id meanwhile).
                 if k.is_multiple_of(3) {
-                    d.unwatch(cookie).ok();
+                    d.unwatch(id).ok();
+                    drop(m);
+                } else {
+                    drop(m);
+                    d.unwatch(id).ok();
                 }
-                drop(m);
-                d.unwatch(cookie).ok();
-                d.unwatch(cookie | 1 << 39).ok();
+                if let Some(inner) = inner {
+                    d.unwatch(inner).ok();
+                }
                 if t == 3 && k.is_multiple_of(16) {
                     own = None; // close with watches possibly left: release cleans up
                 }
@@ -988,6 +1007,145 @@ fn concurrent_watch_unwatch_munmap() -> Outcome {
     ensure!(read > 0, "the reader saw no event");
     println!("    ({read} events read concurrently in {run_for:?})");
     Ok(())
+}
+
+// ---- fork and kernel memory (issue 11) ------------------------------------------------------
+
+/// A forked child holding the inherited fd must not touch the parent's watches or records:
+/// UNWATCH, INFO, read(), poll() and mmap() fail with EPERM (poll: POLLERR), and the parent
+/// still gets the record of a later unmap of its watched range.
+fn fork_child_cannot_unwatch_or_read_parents_records() -> Outcome {
+    let dev = open();
+    let mut m = Map::anon(2);
+    m.touch();
+    let id = watch_id(&dev, m.addr, page());
+    // One record pending, so that a read() in the child would have something to steal.
+    let other = Map::anon(1);
+    let other_id = watch_id(&dev, other.addr, page());
+    drop(other);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
+    // SAFETY: the child makes raw syscalls only and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: see above; every pointer is to the child's own stack.
+        unsafe {
+            let mut bad = 0;
+            let req = sys::umm_notify_unwatch { id, flags: 0 };
+            let rc = libc::ioctl(fd, sys::UMM_NOTIFY_IOC_UNWATCH as _, &req);
+            if !(rc < 0 && *libc::__errno_location() == libc::EPERM) {
+                bad |= 1;
+            }
+            let mut rec = [0u8; 40 * 4];
+            let rc = libc::read(fd, rec.as_mut_ptr().cast(), rec.len());
+            if !(rc < 0 && *libc::__errno_location() == libc::EPERM) {
+                bad |= 2;
+            }
+            let _ = other_id;
+            let mut info = sys::umm_notify_info::default();
+            let rc = libc::ioctl(fd, sys::UMM_NOTIFY_IOC_INFO as _, &mut info);
+            if !(rc < 0 && *libc::__errno_location() == libc::EPERM) {
+                bad |= 4;
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let rc = libc::poll(&mut pfd, 1, 0);
+            if !(rc == 1 && pfd.revents & libc::POLLERR != 0 && pfd.revents & libc::POLLIN == 0) {
+                bad |= 8;
+            }
+            let p = libc::mmap(
+                ptr::null_mut(),
+                page(),
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if !(p == libc::MAP_FAILED && *libc::__errno_location() == libc::EPERM) {
+                bad |= 16;
+            }
+            libc::_exit(bad);
+        }
+    }
+    ensure!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let g0 = gen(&dev);
+    m.unmap(0, 1);
+    ensure!(
+        gen(&dev) > g0,
+        "the parent's unmap after the child's UNWATCH was not recorded"
+    );
+    let ev = dev.read_events().map_err(|e| e.to_string())?;
+    ensure!(
+        find(&ev, id, EventKind::Unmap, m.at(0), m.at(1)),
+        "no UNMAP record for the parent's watch: {ev:?}"
+    );
+    ensure!(
+        ev.iter().any(|e| e.id == other_id),
+        "the record pending at fork was stolen by the child's read(): {ev:?}"
+    );
+    ensure!(
+        code == 0,
+        "child status {status:#x}: what the child could do with the inherited fd (bits: 1 UNWATCH, \
+         2 read, 4 INFO, 8 poll without POLLERR, 16 mmap) = {code:#x}"
+    );
+    Ok(())
+}
+
+/// Slab memory now, in bytes (/proc/meminfo `Slab`).
+fn slab_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("Slab: line in /proc/meminfo");
+    kb * 1024
+}
+
+/// The next value of a xorshift64 generator (test-local, seeded).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Random 64-bit manager cookies must not make the kernel's index sparse: measured with
+/// /proc/meminfo's Slab around 16384 watches (the old module, which keyed its xarray by the
+/// cookie, cost about 4.4 KB per watch here; kernel-allocated dense ids cost about 140 B).
+fn random_cookies_cost_little_kernel_memory() -> Outcome {
+    const N: u64 = 16384;
+    let source = KmodSource::open().map_err(|e| e.to_string())?;
+    let m = Map::anon(1);
+    let range = Range::new(m.addr, page()).map_err(|e| e.to_string())?;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let before = slab_bytes();
+    for _ in 0..N {
+        let cookie = xorshift(&mut x);
+        source.watch(cookie, range).map_err(|e| e.to_string())?;
+    }
+    let after = slab_bytes();
+    let per = after.saturating_sub(before) / N;
+    println!("    ({N} watches under random 64-bit cookies: {per} bytes of slab per watch)");
+    ensure!(
+        per < 1024,
+        "{per} bytes of kernel memory per watch (want < 1024)"
+    );
+    Ok(())
+}
+
+fn watch_id(dev: &NotifyDevice, start: usize, len: usize) -> u64 {
+    dev.watch(start as u64, len as u64).expect("watch")
 }
 
 // ---- through umm::Manager ---------------------------------------------------------------
@@ -1171,6 +1329,252 @@ fn manager_free_of_vec_then_pin_misses() -> Outcome {
     Ok(())
 }
 
+/// A fork child's copy of a `KmodSource` (and of the manager holding it) touches nothing of
+/// the parent's: dropping the manager (detach + unwatch), draining and unwatching in the
+/// child make no system call, the device refuses with `ForkedChild`, and the parent still
+/// gets the invalidation of its pinned range afterwards.
+fn kmod_source_fork_child_touches_nothing() -> Outcome {
+    let (manager, nic, ledger, source) = manager_with_source()?;
+    let m = Map::anon(4);
+    m.touch();
+    let range = Range::new(m.addr, m.len).map_err(|e| e.to_string())?;
+    drop(manager.pin(range, &[nic.id()]).map_err(|e| e.to_string())?);
+    ensure!(source.watches() == 1, "the pin is not watched");
+    // A record pending at fork time: the child must not consume it.
+    let other = Map::anon(1);
+    let other_range = Range::new(other.addr, page()).map_err(|e| e.to_string())?;
+    drop(
+        manager
+            .pin(other_range, &[nic.id()])
+            .map_err(|e| e.to_string())?,
+    );
+    drop(other);
+    // SAFETY: the child runs Rust code of this single-threaded harness (no other thread is
+    // alive here) and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut bad = 0;
+        let sink = CountingSink::default();
+        source.drain(&sink);
+        if !sink.ranges.lock().unwrap().is_empty() || sink.all.load(Ordering::SeqCst) != 0 {
+            bad |= 1;
+        }
+        source.unwatch(1, range);
+        if !matches!(source.device().info(), Err(Error::ForkedChild { .. })) {
+            bad |= 2;
+        }
+        if !matches!(
+            source.device().watch(m.addr as u64, page() as u64),
+            Err(Error::ForkedChild { .. })
+        ) {
+            bad |= 4;
+        }
+        if !matches!(
+            manager.pin(range, &[nic.id()]),
+            Err(umm::Error::ForkedChild { .. })
+        ) {
+            bad |= 8;
+        }
+        drop(manager); // detach + deregistration skipped in a child
+        drop(source);
+        // SAFETY: leaves the child without running the parent's destructors.
+        unsafe { libc::_exit(bad) };
+    }
+    ensure!(pid > 0, "fork failed");
+    let mut status = 0;
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x} (bits: 1 drain delivered, 2 info worked, 4 watch worked, \
+         8 pin worked)"
+    );
+    ensure!(source.watches() == 2, "the parent's watches changed");
+    ensure!(
+        source.device().info().map_err(|e| e.to_string())?.watches == 2,
+        "the kernel's watch count changed"
+    );
+    let sink = CountingSink::default();
+    source.drain(&sink);
+    ensure!(
+        sink.ranges
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.start() == other_range.start()),
+        "the record pending at fork was lost"
+    );
+    let g0 = gen(source.device());
+    munmap(m.addr, m.len);
+    ensure!(
+        gen(source.device()) > g0,
+        "the parent's munmap after the child's drop was not recorded"
+    );
+    let pin = manager.pin(range, &[nic.id()]);
+    // Nothing is mapped there now: the manager refuses the range or registers it anew.
+    if let Ok(pin) = pin {
+        ensure!(
+            ledger.registrations() == 3,
+            "the pin after the munmap hit the old registration"
+        );
+        drop(pin);
+    }
+    std::mem::forget(m); // already unmapped
+    Ok(())
+}
+
+/// One `KmodSource` serves one manager (its cookies name the kernel watches): a second
+/// manager's `add_source` fails with `AlreadyAttached`; once the first manager is dropped
+/// (detach removes the watches it left) the source serves a new one.
+fn kmod_source_serves_one_manager() -> Outcome {
+    let (first, nic, _ledger, source) = manager_with_source()?;
+    let m = Map::anon(2);
+    m.touch();
+    let range = Range::new(m.addr, m.len).map_err(|e| e.to_string())?;
+    drop(first.pin(range, &[nic.id()]).map_err(|e| e.to_string())?);
+    ensure!(source.watches() == 1, "the pin is not watched");
+    let second = Manager::default();
+    match second.add_source(source.clone()) {
+        Err(umm::Error::Source { source: e, .. }) => ensure!(
+            matches!(
+                e.downcast_ref::<Error>(),
+                Some(Error::AlreadyAttached { .. })
+            ),
+            "second manager refused with {e}, want AlreadyAttached"
+        ),
+        other => return Err(format!("second manager's add_source: {other:?}")),
+    }
+    drop(first);
+    ensure!(
+        source.watches() == 0 && source.device().info().map_err(|e| e.to_string())?.watches == 0,
+        "watches left after the first manager was dropped"
+    );
+    second
+        .add_source(source.clone())
+        .map_err(|e| format!("after the first manager was dropped: {e}"))?;
+    Ok(())
+}
+
+/// One open file holds at most `max_watches` watches: the next WATCH fails with the typed
+/// `WatchLimit` (ENOSPC), through the device and through the source, and an UNWATCH makes
+/// room again. Run with a small limit (scripts/test-kmod.sh reloads the module with
+/// max_watches=256 for this).
+fn watch_limit_is_a_typed_error() -> Outcome {
+    let source = KmodSource::open().map_err(|e| e.to_string())?;
+    let dev = source.device();
+    let max = dev.info().map_err(|e| e.to_string())?.max_watches;
+    if max > 4096 {
+        println!(
+            "    SKIP: max_watches is {max}; this case runs after reloading the module with a \
+             small limit (scripts/test-kmod.sh does)"
+        );
+        return Ok(());
+    }
+    let m = Map::anon(1);
+    let (a, p) = (m.addr as u64, page() as u64);
+    let mut ids = Vec::new();
+    for _ in 0..max {
+        ids.push(dev.watch(a, p).map_err(|e| e.to_string())?);
+    }
+    ensure!(
+        ids.iter().all(|&id| id >= 1 && id <= max as u64),
+        "ids outside 1..={max}"
+    );
+    match dev.watch(a, p) {
+        Err(Error::WatchLimit { max_watches, .. }) if max_watches == max => {}
+        other => return Err(format!("watch past the limit: {other:?}")),
+    }
+    let range = Range::new(m.addr, page()).map_err(|e| e.to_string())?;
+    match source.watch(12345, range) {
+        Err(e) => ensure!(
+            matches!(e.downcast_ref::<Error>(), Some(Error::WatchLimit { .. })),
+            "source error is not WatchLimit: {e}"
+        ),
+        Ok(()) => return Err("the source watched past the limit".into()),
+    }
+    dev.unwatch(ids[7]).map_err(|e| e.to_string())?;
+    let again = dev.watch(a, p).map_err(|e| e.to_string())?;
+    ensure!(
+        again == ids[7],
+        "freed id {} not reused: got {again}",
+        ids[7]
+    );
+    Ok(())
+}
+
+/// A WATCH issued while an invalidation of its range is already running must not return
+/// before that invalidation is over (the new notifier is not called for it: returning
+/// earlier lets the caller register pages that are being torn down, unseen).
+///
+/// Deterministic set-up: another thread runs MADV_DONTNEED over a large populated mapping;
+/// a watch on its FIRST page (another open file) is called at the invalidation's start, so
+/// its generation moving proves the invalidation is running; the zap then walks the pages
+/// upwards. Right then, WATCH the LAST page and read it. If WATCH returned early, the last
+/// page still holds its old bytes (the zap has not reached it) and no record ever comes for
+/// the new watch. With the fix, WATCH waits for the invalidation's end: the page reads as
+/// zero (fresh), or a record is there.
+fn watch_waits_for_running_invalidation() -> Outcome {
+    const PAGES: usize = 16384; // 64 MiB: the zap takes milliseconds under TCG
+    let mut conclusive = 0;
+    for attempt in 0..5 {
+        let starter = open();
+        let dev = open();
+        let m = Map::anon(PAGES);
+        m.touch();
+        let last = m.at(PAGES - 1);
+        // SAFETY: the last page of our mapping.
+        unsafe { ptr::write_volatile(last as *mut u8, 0xab) };
+        starter
+            .watch(m.addr as u64, page() as u64)
+            .map_err(|e| e.to_string())?;
+        let g0 = gen(&starter);
+        let done = Arc::new(AtomicBool::new(false));
+        let (addr, len, d) = (m.addr, m.len, done.clone());
+        let zapper = std::thread::spawn(move || {
+            // SAFETY: discards the pages of our own mapping (it stays mapped).
+            let rc = unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) };
+            d.store(true, Ordering::SeqCst);
+            rc
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while gen(&starter) == g0 {
+            ensure!(
+                Instant::now() < deadline,
+                "MADV_DONTNEED did not start within 30 s"
+            );
+            std::hint::spin_loop();
+        }
+        let done_before = done.load(Ordering::SeqCst);
+        let id = dev
+            .watch(last as u64, page() as u64)
+            .map_err(|e| e.to_string())?;
+        // SAFETY: the last page of our mapping (still mapped: DONTNEED keeps the VMA).
+        let byte = unsafe { ptr::read_volatile(last as *const u8) };
+        ensure!(zapper.join().unwrap() == 0, "madvise failed");
+        let ev = dev.read_events().map_err(|e| e.to_string())?;
+        let recorded = ev.iter().any(|e| e.id == id);
+        if done_before {
+            println!("    (attempt {attempt}: the invalidation ended before WATCH; retrying)");
+            continue;
+        }
+        conclusive += 1;
+        ensure!(
+            byte == 0 || recorded,
+            "WATCH returned while MADV_DONTNEED was still tearing its page down (read the old \
+             byte {byte:#x}) and no record came for it: a registration made then would pin \
+             a page the application no longer has"
+        );
+        if conclusive >= 2 {
+            break;
+        }
+    }
+    ensure!(
+        conclusive > 0,
+        "the invalidation always ended before WATCH; nothing proven"
+    );
+    Ok(())
+}
+
 // ---- last: the kernel log ---------------------------------------------------------------
 
 fn kernel_log_has_no_bug_warning_or_oops() -> Outcome {
@@ -1260,6 +1664,27 @@ fn main() {
         (
             "manager_free_of_vec_then_pin_misses",
             manager_free_of_vec_then_pin_misses,
+        ),
+        (
+            "fork_child_cannot_unwatch_or_read_parents_records",
+            fork_child_cannot_unwatch_or_read_parents_records,
+        ),
+        (
+            "random_cookies_cost_little_kernel_memory",
+            random_cookies_cost_little_kernel_memory,
+        ),
+        (
+            "kmod_source_fork_child_touches_nothing",
+            kmod_source_fork_child_touches_nothing,
+        ),
+        (
+            "kmod_source_serves_one_manager",
+            kmod_source_serves_one_manager,
+        ),
+        ("watch_limit_is_a_typed_error", watch_limit_is_a_typed_error),
+        (
+            "watch_waits_for_running_invalidation",
+            watch_waits_for_running_invalidation,
         ),
         ("module_refcount_back_to_zero", module_refcount_back_to_zero),
         (
