@@ -265,3 +265,149 @@ pub unsafe extern "C" fn sbrk(increment: intptr_t) -> *mut c_void {
         }
     }
 }
+
+/// `shmat`: with `SHM_REMAP` the segment replaces whatever is mapped at `addr` (an unmap
+/// of it): reports the segment's extent there first (its size from `IPC_STAT`, a system
+/// call on a stack buffer).
+///
+/// # Safety
+/// As `shmat(2)`.
+pub unsafe extern "C" fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
+    if flags & libc::SHM_REMAP != 0 && !addr.is_null() {
+        // SAFETY: an all-zero shmid_ds is a valid value of this plain C struct.
+        let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+        // SAFETY: IPC_STAT writes one shmid_ds into our stack buffer.
+        if unsafe { libc::syscall(libc::SYS_shmctl, shmid, libc::IPC_STAT, &mut ds) } == 0 {
+            let mut at = addr as usize;
+            if flags & libc::SHM_RND != 0 {
+                at &= !(umm::page_size() - 1); // SHMLBA is the page size on Linux/x86_64
+            }
+            report_pages(at, ds.shm_segsz);
+        }
+    }
+    match get(&real::SHMAT) {
+        // SAFETY: the resolved symbol is the next shmat.
+        Some(f) => unsafe {
+            std::mem::transmute::<
+                *const c_void,
+                unsafe extern "C" fn(c_int, *const c_void, c_int) -> *mut c_void,
+            >(f)(shmid, addr, flags)
+        },
+        // SAFETY: the raw system call with the caller's arguments.
+        None => unsafe { libc::syscall(libc::SYS_shmat, shmid, addr, flags) as *mut c_void },
+    }
+}
+
+unsafe extern "C" {
+    // glibc's own entry points, used before the real functions are resolved (`dlsym`
+    // itself may free): there is no system call to fall back to.
+    fn __libc_free(ptr: *mut c_void);
+    fn __libc_realloc(ptr: *mut c_void, size: size_t) -> *mut c_void;
+}
+
+/// Reports the heap block at `ptr` (`[ptr, ptr + usable size)`, rounded out to pages)
+/// before it is freed or reallocated. Conservative: the allocator may give the pages back
+/// to the kernel (glibc: a block of its own mapping is `munmap`ped; a block that joins the
+/// top of an arena may be trimmed with its internal `__brk`/`__madvise`; `malloc_trim`
+/// madvises free blocks), and no symbol hook sees those calls. Reporting every block as it
+/// is freed is enough: memory trimmed later was reported when its block was freed.
+/// Allocation-free: `malloc_usable_size` reads the block's header.
+fn report_block(ptr: *mut c_void) {
+    if ptr.is_null() || !crate::sink_installed() {
+        return;
+    }
+    type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
+    let size = match get(&real::MALLOC_USABLE_SIZE) {
+        // SAFETY: the next allocator's malloc_usable_size, on a block it allocated.
+        Some(f) => unsafe { std::mem::transmute::<*const c_void, UsableFn>(f)(ptr) },
+        // SAFETY: glibc's, on a block it allocated (nothing else is resolved yet).
+        None => unsafe { libc::malloc_usable_size(ptr) },
+    };
+    report_pages(ptr as usize, size.max(1));
+}
+
+/// `free`: reports the block (see `report_block`), then frees it.
+///
+/// # Safety
+/// As `free(3)`.
+pub unsafe extern "C" fn free(ptr: *mut c_void) {
+    report_block(ptr);
+    match get(&real::FREE) {
+        // SAFETY: the resolved symbol is the next free.
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, unsafe extern "C" fn(*mut c_void)>(f)(ptr)
+        },
+        // SAFETY: glibc's free of a block glibc allocated.
+        None => unsafe { __libc_free(ptr) },
+    }
+}
+
+/// `realloc`: reports the old block (it may move, shrink or be freed), then reallocates.
+///
+/// # Safety
+/// As `realloc(3)`.
+pub unsafe extern "C" fn realloc(ptr: *mut c_void, size: size_t) -> *mut c_void {
+    report_block(ptr);
+    match get(&real::REALLOC) {
+        // SAFETY: the resolved symbol is the next realloc.
+        Some(f) => unsafe {
+            std::mem::transmute::<
+                *const c_void,
+                unsafe extern "C" fn(*mut c_void, size_t) -> *mut c_void,
+            >(f)(ptr, size)
+        },
+        // SAFETY: glibc's realloc of a block glibc allocated.
+        None => unsafe { __libc_realloc(ptr, size) },
+    }
+}
+
+/// `reallocarray`: as `realloc` (glibc's calls its internal realloc, unseen by the
+/// `realloc` hook).
+///
+/// # Safety
+/// As `reallocarray(3)`.
+pub unsafe extern "C" fn reallocarray(
+    ptr: *mut c_void,
+    nmemb: size_t,
+    size: size_t,
+) -> *mut c_void {
+    report_block(ptr);
+    match get(&real::REALLOCARRAY) {
+        // SAFETY: the resolved symbol is the next reallocarray.
+        Some(f) => unsafe {
+            std::mem::transmute::<
+                *const c_void,
+                unsafe extern "C" fn(*mut c_void, size_t, size_t) -> *mut c_void,
+            >(f)(ptr, nmemb, size)
+        },
+        None => match nmemb.checked_mul(size) {
+            // SAFETY: glibc's realloc of a block glibc allocated.
+            Some(n) => unsafe { __libc_realloc(ptr, n) },
+            None => {
+                set_errno(libc::ENOMEM);
+                std::ptr::null_mut()
+            }
+        },
+    }
+}
+
+/// `malloc_trim`: gives free memory of every arena back to the kernel with glibc's
+/// internal `__madvise`/`__brk`. Free blocks were reported when freed; to be safe also
+/// against blocks freed before the sink was installed, it reports the whole address
+/// space (every registration is invalidated: `malloc_trim` is rare and explicit).
+///
+/// # Safety
+/// As `malloc_trim(3)`.
+pub unsafe extern "C" fn malloc_trim(pad: size_t) -> c_int {
+    if crate::sink_installed() {
+        let page = umm::page_size();
+        report(page, (usize::MAX & !(page - 1)) - page);
+    }
+    match get(&real::MALLOC_TRIM) {
+        // SAFETY: the resolved symbol is the next malloc_trim.
+        Some(f) => unsafe {
+            std::mem::transmute::<*const c_void, unsafe extern "C" fn(size_t) -> c_int>(f)(pad)
+        },
+        None => 0, // "no memory was released"
+    }
+}

@@ -20,6 +20,18 @@ pub static MREMAP: AtomicUsize = AtomicUsize::new(0);
 pub static MADVISE: AtomicUsize = AtomicUsize::new(0);
 /// `shmdt`.
 pub static SHMDT: AtomicUsize = AtomicUsize::new(0);
+/// `shmat`.
+pub static SHMAT: AtomicUsize = AtomicUsize::new(0);
+/// `free`.
+pub static FREE: AtomicUsize = AtomicUsize::new(0);
+/// `realloc`.
+pub static REALLOC: AtomicUsize = AtomicUsize::new(0);
+/// `reallocarray`.
+pub static REALLOCARRAY: AtomicUsize = AtomicUsize::new(0);
+/// `malloc_trim`.
+pub static MALLOC_TRIM: AtomicUsize = AtomicUsize::new(0);
+/// `malloc_usable_size` of the allocator behind the hooks (to size a block being freed).
+pub static MALLOC_USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
 /// `brk`.
 pub static BRK: AtomicUsize = AtomicUsize::new(0);
 /// `sbrk`.
@@ -41,6 +53,12 @@ pub fn resolve() {
         (&MREMAP, c"mremap"),
         (&MADVISE, c"madvise"),
         (&SHMDT, c"shmdt"),
+        (&SHMAT, c"shmat"),
+        (&FREE, c"free"),
+        (&REALLOC, c"realloc"),
+        (&REALLOCARRAY, c"reallocarray"),
+        (&MALLOC_TRIM, c"malloc_trim"),
+        (&MALLOC_USABLE_SIZE, c"malloc_usable_size"),
         (&BRK, c"brk"),
         (&SBRK, c"sbrk"),
     ] {
