@@ -305,25 +305,59 @@ unsafe extern "C" {
     fn __libc_realloc(ptr: *mut c_void, size: size_t) -> *mut c_void;
 }
 
-/// Reports the heap block at `ptr` (`[ptr, ptr + usable size)`, rounded out to pages)
-/// before it is freed or reallocated. Conservative: the allocator may give the pages back
-/// to the kernel (glibc: a block of its own mapping is `munmap`ped; a block that joins the
-/// top of an arena may be trimmed with its internal `__brk`/`__madvise`; `malloc_trim`
-/// madvises free blocks), and no symbol hook sees those calls. Reporting every block as it
-/// is freed is enough: memory trimmed later was reported when its block was freed.
-/// Allocation-free: `malloc_usable_size` reads the block's header.
+/// Reports what freeing or reallocating the heap block at `ptr` can give back to the
+/// kernel, before the real call: glibc gives memory back with its internal
+/// `__munmap`/`__mremap`/`__madvise`/`__brk`, which no symbol hook sees.
+///
+/// * A block with a mapping of its own (glibc's `IS_MMAPPED` chunk, above the mmap
+///   threshold) is unmapped or remapped whole: its whole mapping is reported.
+/// * A block of an arena: the whole pages inside it. Those are the only pages of the block
+///   that a later trim (`free` joining the top of an arena, `malloc_trim`) can give back
+///   without another block on them being freed first; reporting the pages it shares with
+///   its neighbours too would invalidate registrations of live neighbours on every free of
+///   a small block (a registration in flight would be invalidated by the allocator's own
+///   temporaries, again and again). The gap: a registration of a block with no whole page
+///   of its own (see the crate docs) is not invalidated if that shared page is trimmed
+///   later; `malloc_trim` itself reports everything.
+/// * Another allocator behind the hooks (its layout unknown): the block's pages, rounded
+///   out.
+///
+/// Allocation-free: reads the chunk header or calls `malloc_usable_size`.
 fn report_block(ptr: *mut c_void) {
     if ptr.is_null() || !crate::sink_installed() {
         return;
     }
+    if real::GLIBC_HEAP.load(std::sync::atomic::Ordering::Acquire) {
+        const SIZE: usize = std::mem::size_of::<usize>();
+        // SAFETY: glibc puts a chunk header before every block it hands out: the size
+        // (with flag bits) in the word before the block, the previous size before that.
+        let (prev_size, size_word) = unsafe {
+            let p = ptr as *const usize;
+            (p.sub(2).read(), p.sub(1).read())
+        };
+        const IS_MMAPPED: usize = 2;
+        let size = size_word & !7;
+        if size_word & IS_MMAPPED != 0 {
+            // The mapping starts `prev_size` bytes before the chunk (memalign'd blocks).
+            let chunk = ptr as usize - 2 * SIZE;
+            report_pages(chunk.saturating_sub(prev_size), size + prev_size);
+            return;
+        }
+        let page = umm::page_size();
+        let start = (ptr as usize).div_ceil(page) * page;
+        let end = (ptr as usize + size.saturating_sub(2 * SIZE)) & !(page - 1);
+        if end > start {
+            report(start, end - start);
+        }
+        return;
+    }
     type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
-    let size = match get(&real::MALLOC_USABLE_SIZE) {
+    let usable = match get(&real::MALLOC_USABLE_SIZE) {
         // SAFETY: the next allocator's malloc_usable_size, on a block it allocated.
         Some(f) => unsafe { std::mem::transmute::<*const c_void, UsableFn>(f)(ptr) },
-        // SAFETY: glibc's, on a block it allocated (nothing else is resolved yet).
-        None => unsafe { libc::malloc_usable_size(ptr) },
+        None => 0,
     };
-    report_pages(ptr as usize, size.max(1));
+    report_pages(ptr as usize, usable.max(1));
 }
 
 /// `free`: reports the block (see `report_block`), then frees it.

@@ -44,12 +44,21 @@
 //!
 //! glibc's `free()`, `realloc()`, `malloc_trim()` and its automatic heap trimming give
 //! memory back with the internal `__munmap`/`__mremap`/`__madvise`/`__brk`, which no
-//! interposed symbol sees. So the `free`/`realloc`/`reallocarray` hooks report the block
-//! being freed (`[ptr, ptr + malloc_usable_size(ptr))`, rounded out to pages) before the
-//! real call: conservative (the pages may stay), allocation-free, and enough, since heap
-//! memory that a later trim gives back was reported when its block was freed.
-//! `malloc_trim` reports the whole address space (it is rare and explicit). glibc routes
-//! its own internal frees through the interposable `free` as well.
+//! interposed symbol sees. So the `free`/`realloc`/`reallocarray` hooks report, before
+//! the real call, what the block can give back: a block with its own mapping (above the
+//! mmap threshold) whole, a block of an arena its whole pages (a later trim can give those
+//! back only after the block was freed, i.e. reported). `malloc_trim` reports the whole
+//! address space (it is rare and explicit). glibc routes its own internal frees through
+//! the interposable `free` too. Allocation-free: the hook reads glibc's chunk header (or
+//! calls `malloc_usable_size` of another allocator, and then reports the block's pages
+//! rounded out).
+//!
+//! The remaining gap: a registration of a heap block that has no whole page of its own
+//! (a block of less than two pages) shares its pages with other blocks; the hooks do not
+//! report those shared pages (a report on every free of a neighbour would invalidate live
+//! registrations all the time), so if all blocks on such a page are freed and glibc trims
+//! it later, the registration is stale. Register page-aligned buffers (`mmap`,
+//! `posix_memalign` with whole pages), or use the kernel module.
 //!
 //! ## Strict mode, and what interposition cannot see
 //!

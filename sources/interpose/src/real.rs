@@ -6,7 +6,7 @@
 //! back to the raw system call.
 
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// `munmap` behind the hooks (0 = not resolved).
 pub static MUNMAP: AtomicUsize = AtomicUsize::new(0);
@@ -37,6 +37,14 @@ pub static BRK: AtomicUsize = AtomicUsize::new(0);
 /// `sbrk`.
 pub static SBRK: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether the process's `malloc` is glibc's (its chunk layout can be read by the `free`
+/// hook). Set by [`resolve`]; assumed until then (the hooks then call glibc's functions).
+pub static GLIBC_HEAP: AtomicBool = AtomicBool::new(true);
+
+unsafe extern "C" {
+    fn __libc_malloc(size: libc::size_t) -> *mut c_void;
+}
+
 fn next(name: &CStr) -> usize {
     // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT searches the objects loaded
     // after the one containing this code (libc, or a later interposer).
@@ -46,6 +54,13 @@ fn next(name: &CStr) -> usize {
 /// Resolves every real function not resolved yet. Not for the hook path (`dlsym` may
 /// allocate).
 pub fn resolve() {
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope
+    // (the hooks define no malloc: this is the allocator's).
+    let malloc = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
+    GLIBC_HEAP.store(
+        malloc == __libc_malloc as *const () as usize,
+        Ordering::Release,
+    );
     for (slot, name) in [
         (&MUNMAP, c"munmap"),
         (&MMAP, c"mmap"),
