@@ -33,6 +33,9 @@ echo "-- skipped checks (hardware not present here), as the tests reported them:
 grep -h "SKIP" "$log" | sort -u || echo "(none)"
 rm -f "$log"
 
+step "core concurrency tests in release mode (interleavings differ at speed)"
+cargo test -p umm --release --locked --test stress --test model --test failsafe
+
 step "benchmarks compile"
 cargo bench --workspace --locked --no-run
 

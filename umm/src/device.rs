@@ -1,6 +1,10 @@
 //! Device identities.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::marker::PhantomData;
 
 use crate::backend::Backend;
@@ -21,9 +25,37 @@ impl DeviceId {
     }
 }
 
+/// Backend names of attached devices, so that a [`DeviceId`] in an error message names
+/// the device ("rxe0 (dev#0)"). Written at attach, removed when the manager drops; manager
+/// ids are never reused, so a name never describes another device.
+static NAMES: RwLock<BTreeMap<(u32, u32), Arc<str>>> = RwLock::new(BTreeMap::new());
+
+pub(crate) fn set_name(id: DeviceId, name: &str) {
+    NAMES.write().insert((id.manager, id.index), name.into());
+}
+
+pub(crate) fn forget_names(manager: u32) {
+    NAMES.write().retain(|(m, _), _| *m != manager);
+}
+
+impl DeviceId {
+    /// The device's backend name, while its manager lives.
+    pub fn name(self) -> Option<Arc<str>> {
+        NAMES.read().get(&(self.manager, self.index)).cloned()
+    }
+
+    /// The manager the device belongs to.
+    pub fn manager(self) -> crate::source::ManagerId {
+        crate::source::ManagerId(self.manager)
+    }
+}
+
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dev#{}", self.index)
+        match self.name() {
+            Some(name) => write!(f, "{name} (dev#{})", self.index),
+            None => write!(f, "dev#{}", self.index),
+        }
     }
 }
 

@@ -12,6 +12,13 @@
 //! Each stripe word holds the references in its low [`REF_BITS`] bits and a hit counter
 //! above them, so one `lock xadd` both takes the reference and counts the hit.
 //!
+//! The reference bits never wrap (a wrapped count would let a held registration be
+//! deregistered and its entry reused: a use-after-free reachable from safe code with
+//! `mem::forget`). `lock xadd` returns the old word, so an acquire that finds a stripe at
+//! [`REF_SATURATED`] references takes its increment back and fails with
+//! [`Acquire::Saturated`]; the margin above it (2^23 increments in flight at once) cannot
+//! be reached by racing threads.
+//!
 //! # Killing an entry (the one subtle protocol)
 //!
 //! A reader (hit) does `stripe.fetch_add` **then** loads `state`; a killer (invalidation,
@@ -55,6 +62,8 @@ pub(crate) const STRIPES: usize = 4;
 /// Bits of each stripe word that count references; the bits above count hits.
 pub(crate) const REF_BITS: u32 = 24;
 const REF_MASK: u64 = (1 << REF_BITS) - 1;
+/// References one stripe may hold; beyond it an acquire fails (see the module docs).
+pub(crate) const REF_SATURATED: u64 = 1 << (REF_BITS - 1);
 const HIT_ONE: u64 = 1 << REF_BITS;
 /// Entries per chunk; a slot number fits in the low bits of the 4 KiB-aligned chunk
 /// address next to the index's tag bit.
@@ -70,7 +79,7 @@ pub(crate) const INVALID: u32 = 2;
 /// Transient, under the writer lock: being evicted or merged if nobody holds it.
 pub(crate) const KILLING: u32 = 3;
 
-/// What a hit reads.
+/// What a hit reads (32 bytes: two per cache line).
 struct Header {
     /// `FREE`, `LIVE`, `INVALID` or `KILLING`; written under the writer lock only.
     state: AtomicU32,
@@ -80,6 +89,19 @@ struct Header {
     /// Registered range, readable without the lock once `state == LIVE` was seen.
     start: AtomicUsize,
     end: AtomicUsize,
+    /// The device's era when the entry was published: a `LIVE` entry of an older era was
+    /// invalidated wholesale (`invalidate_all`) and is not yet cleaned up; hits refuse it.
+    era: AtomicU64,
+}
+
+/// Why [`EntryRef::try_acquire`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Acquire {
+    /// Not `LIVE`, of another era, or not covering the request: the caller holds nothing;
+    /// `slow` says whether it must run the device's slow release path.
+    Refused { slow: bool },
+    /// The stripe holds [`REF_SATURATED`] references already.
+    Saturated,
 }
 
 /// State only the holder of the device's writer lock touches.
@@ -88,8 +110,11 @@ pub(crate) struct WriterSide {
     pub range: Range,
     /// Unique per registration; the cookie given to notifier sources.
     pub id: u64,
-    /// Position in the device's LRU.
+    /// Position in the device's LRU (or in its list of parked, pinned entries).
     pub lru_seq: u64,
+    /// Whether the entry is parked: found pinned by the evictor and taken off the LRU so
+    /// that sweeps do not revisit it (it returns when its last pin drops).
+    pub parked: bool,
     /// Whether the entry is on the device's `stale` list (invalid, still referenced).
     pub stale: bool,
 }
@@ -104,6 +129,13 @@ struct StripeArray {
     _pad: [u64; 8],
 }
 
+/// What a registration hands to its holders: immutable while any reference is held.
+pub(crate) struct Published {
+    /// The registration's id (the cookie its sources watch), unique per manager.
+    pub id: u64,
+    pub translation: ErasedTranslation,
+}
+
 /// [`CHUNK`] entries, by field (see the module docs).
 #[repr(align(4096))]
 pub(crate) struct Chunk {
@@ -115,7 +147,7 @@ pub(crate) struct Chunk {
     /// Written only while the entry is `FREE` and unreferenced (publication) or being
     /// reclaimed with no references left; read through a [`crate::Pin`] that holds a
     /// reference taken while `LIVE`.
-    translations: [UnsafeCell<Option<ErasedTranslation>>; CHUNK],
+    translations: [UnsafeCell<Option<Published>>; CHUNK],
     /// Guarded by the device's writer lock.
     writers: [UnsafeCell<WriterSide>; CHUNK],
 }
@@ -139,6 +171,7 @@ impl Chunk {
                 referenced: AtomicU32::new(0),
                 start: AtomicUsize::new(0),
                 end: AtomicUsize::new(0),
+                era: AtomicU64::new(0),
             }),
             stripes: std::array::from_fn(|_| StripeArray {
                 counters: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -150,6 +183,7 @@ impl Chunk {
                     range: placeholder,
                     id: 0,
                     lru_seq: 0,
+                    parked: false,
                     stale: false,
                 })
             }),
@@ -225,17 +259,27 @@ impl EntryRef {
         &self.chunk().stripes[stripe].counters[self.slot()]
     }
 
-    /// Takes a reference if the entry is `LIVE` and covers `want`; counts a hit when `hit`.
-    /// On failure the caller holds nothing, but may have to run the slow release path
-    /// (returned as `Err(true)`).
+    /// Takes a reference if the entry is `LIVE`, of `era`, and covers `want`; counts a hit
+    /// when `hit`. On failure the caller holds nothing (see [`Acquire`]).
     #[inline]
-    pub(crate) fn try_acquire(&self, stripe: usize, want: &Range, hit: bool) -> Result<(), bool> {
+    pub(crate) fn try_acquire(
+        &self,
+        stripe: usize,
+        want: &Range,
+        era: u64,
+        hit: bool,
+    ) -> Result<(), Acquire> {
         let inc = if hit { HIT_ONE | 1 } else { 1 };
         let h = self.header();
         // SeqCst: pairs with the killer's SeqCst state store + stripe loads (module docs).
-        self.stripe(stripe).fetch_add(inc, Ordering::SeqCst);
+        let old = self.stripe(stripe).fetch_add(inc, Ordering::SeqCst);
+        if old & REF_MASK >= REF_SATURATED {
+            self.stripe(stripe).fetch_sub(inc, Ordering::SeqCst);
+            return Err(Acquire::Saturated);
+        }
         // SeqCst load also acquires the range stores published before `LIVE`.
         if h.state.load(Ordering::SeqCst) == LIVE
+            && h.era.load(Ordering::Relaxed) == era
             && h.start.load(Ordering::Relaxed) <= want.start()
             && want.end() <= h.end.load(Ordering::Relaxed)
         {
@@ -244,7 +288,16 @@ impl EntryRef {
             }
             return Ok(());
         }
-        Err(self.release_counted(stripe, inc))
+        Err(Acquire::Refused {
+            slow: self.release_counted(stripe, inc),
+        })
+    }
+
+    /// Whether a holder of a reference still has a valid entry: `LIVE` (or an evictor's
+    /// transient `KILLING` probe, which cannot succeed while a reference is held) and of
+    /// the device's current `era`.
+    pub(crate) fn holds_valid(&self, era: u64) -> bool {
+        matches!(self.state(), LIVE | KILLING) && self.header().era.load(Ordering::Relaxed) == era
     }
 
     /// Drops one reference taken on `stripe`. Returns whether the entry is not `LIVE`, in
@@ -309,21 +362,24 @@ impl EntryRef {
         &self,
         range: Range,
         id: u64,
+        era: u64,
         translation: ErasedTranslation,
         stripe: usize,
     ) {
         debug_assert_eq!(self.state(), FREE);
         // SAFETY: caller guarantees no reader; the writer lock serialises writers.
         unsafe {
-            *self.chunk().translations[self.slot()].get() = Some(translation);
+            *self.chunk().translations[self.slot()].get() = Some(Published { id, translation });
             let w = self.writer();
             w.range = range;
             w.id = id;
             w.stale = false;
+            w.parked = false;
         }
         let h = self.header();
         h.start.store(range.start(), Ordering::Relaxed);
         h.end.store(range.end(), Ordering::Relaxed);
+        h.era.store(era, Ordering::Relaxed);
         h.referenced.store(0, Ordering::Relaxed);
         self.stripe(stripe).fetch_add(1, Ordering::SeqCst);
         // Release (SeqCst): readers that see LIVE see the range and translation.
@@ -337,14 +393,14 @@ impl EntryRef {
     pub(crate) unsafe fn retire(&self) -> Option<ErasedTranslation> {
         self.set_state(FREE);
         // SAFETY: no reference is held, so no Pin reads the translation (caller's contract).
-        unsafe { (*self.chunk().translations[self.slot()].get()).take() }
+        unsafe { (*self.chunk().translations[self.slot()].get()).take() }.map(|p| p.translation)
     }
 
-    /// The translation, for a [`crate::Pin`] that holds a reference.
+    /// The registration id and translation, for a [`crate::Pin`] that holds a reference.
     ///
     /// # Safety
     /// The caller holds a reference taken while the entry was `LIVE`.
-    pub(crate) unsafe fn translation(&self) -> Option<&ErasedTranslation> {
+    pub(crate) unsafe fn published(&self) -> Option<&Published> {
         // SAFETY: no writer runs while a reference is held (caller's contract).
         unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }
     }

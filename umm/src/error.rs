@@ -32,7 +32,11 @@ pub enum Error {
         range: Range,
     },
     /// The device id is not attached to this manager (or belongs to another one).
-    #[error("unknown device {0}")]
+    #[error(
+        "device {0} is not attached to this manager (it was attached to {m}; use the \
+         DeviceId returned by this manager's attach)",
+        m = .0.manager()
+    )]
     UnknownDevice(DeviceId),
     /// The same device was named twice in one `pin`, or more than [`crate::MAX_PIN_DEVICES`].
     #[error("bad device list: {reason}")]
@@ -118,6 +122,34 @@ pub enum Error {
         /// The backend's error.
         #[source]
         source: BackendError,
+    },
+    /// One entry's reference count on this thread's stripe is saturated (about 2^23 pins
+    /// of one registration held at once, e.g. leaked with `mem::forget`). The count never
+    /// wraps: this pin is refused instead.
+    #[error("device {device}: too many pins of the registration covering {range} are held")]
+    TooManyPins {
+        /// The device.
+        device: DeviceId,
+        /// The range that was asked for.
+        range: Range,
+    },
+    /// Called from inside a backend call of the same device (e.g. `pin` inside
+    /// [`crate::Backend::deregister`]), which holds the device's lock: waiting for it would
+    /// deadlock.
+    #[error("device {device}: re-entered from inside one of its own backend calls")]
+    Reentrant {
+        /// The device.
+        device: DeviceId,
+    },
+    /// An environment variable read by [`crate::Config::from_env`] is malformed.
+    #[error("{variable}={value:?} is not valid: expected {expected}")]
+    Config {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
     },
     /// A notifier source cannot see an operation that could make this range stale (for
     /// example userfaultfd and a hole punched in a shared memory file), so umm refuses to

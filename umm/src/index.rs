@@ -27,11 +27,26 @@
 //! it; the caller then re-inserts the live entries that overlapped it (`fill_empty`).
 //!
 //! Only the holder of the device's writer lock modifies the tree. Child nodes are published
-//! with `Release` after being filled, and are freed only when the index is dropped (they
-//! stay mapped so a racing reader never touches freed memory; the cost is one 4 KiB node
-//! per 2 MiB / 1 GiB / 512 GiB span ever split).
+//! with `Release` after being filled.
+//!
+//! # Giving nodes back under lock-free readers
+//!
+//! A node whose slots all became empty is unlinked from its parent and returned to the
+//! index's [`NodePool`]. Nodes are *type-stable*: the pool carves them out of its own
+//! mappings and never unmaps them while the index lives, so a reader that loaded the
+//! pointer just before the unlink still reads mapped memory. What it reads may be the old
+//! contents, zeros, or the contents of the node's next use (another span, another level):
+//! zeros end the walk (miss), a child pointer leads into another pool node (mapped), and an
+//! entry word leads to an entry that the hit validates anyway (`LIVE`, its era, and a range
+//! that covers the request), so a recycled node can cost a needless slow path, never a
+//! wrong translation. The walk is bounded by the reader's own level count. Beyond a few
+//! resident spares, freed nodes are `MADV_DONTNEED`ed: their memory goes back to the
+//! kernel and reads as zeros until reused, so the index's memory follows what is cached
+//! now, not what was ever cached.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
 
 const FANOUT_BITS: u32 = 9;
 const FANOUT: usize = 1 << FANOUT_BITS;
@@ -41,22 +56,110 @@ const PAGE_BITS: u32 = 12;
 const PAGE_LIMIT: u64 = 1 << (FANOUT_BITS * LEVELS);
 const ENTRY_TAG: usize = 1;
 
+/// One 4 KiB node: exactly one page, so the pool can give its memory back page by page.
+#[repr(C, align(4096))]
 struct Node {
     slots: [AtomicUsize; FANOUT],
 }
 
-impl Node {
-    fn new_filled(v: usize) -> Box<Node> {
-        Box::new(Node {
-            slots: std::array::from_fn(|_| AtomicUsize::new(v)),
-        })
+/// Nodes per pool mapping (1 MiB).
+const SLAB_NODES: usize = 256;
+/// Freed nodes kept resident for reuse; beyond this they are `MADV_DONTNEED`ed.
+const RESIDENT_SPARES: usize = 64;
+
+/// Where the index's nodes come from; see the [module docs](self). Only the writer (under
+/// the device's lock) allocates and frees; the mutex is uncontended.
+struct NodePool {
+    /// Every mapping ever made, unmapped when the index drops.
+    slabs: Vec<*mut Node>,
+    /// Freed nodes, resident (reused first) ...
+    spares: Vec<*mut Node>,
+    /// ... and given back to the kernel (they read as zeros).
+    cold: Vec<*mut Node>,
+    /// Nodes linked into the tree now (the root excluded).
+    in_use: usize,
+}
+
+impl NodePool {
+    fn alloc(&mut self, fill: usize) -> *mut Node {
+        let node = match self.spares.pop().or_else(|| self.cold.pop()) {
+            Some(n) => n,
+            None => {
+                let bytes = SLAB_NODES * std::mem::size_of::<Node>();
+                // SAFETY: a fresh private anonymous mapping; we own it until Drop.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        bytes,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    std::alloc::handle_alloc_error(std::alloc::Layout::new::<Node>());
+                }
+                let base = p as *mut Node;
+                self.slabs.push(base);
+                // SAFETY: every `base.add(i)` lies inside the new mapping of SLAB_NODES nodes.
+                self.cold
+                    .extend((1..SLAB_NODES).rev().map(|i| unsafe { base.add(i) }));
+                base
+            }
+        };
+        // SAFETY: pool nodes stay mapped while the index lives; zero-filled anonymous
+        // memory is a valid `Node` (all-zero atomics).
+        for slot in unsafe { &(*node).slots } {
+            slot.store(fill, Ordering::Relaxed);
+        }
+        self.in_use += 1;
+        node
+    }
+
+    /// Takes back a node already unlinked from the tree (readers may still read it).
+    fn free(&mut self, node: *mut Node) {
+        self.in_use -= 1;
+        if self.spares.len() < RESIDENT_SPARES {
+            self.spares.push(node);
+            return;
+        }
+        // SAFETY: the page is ours and stays mapped; DONTNEED only drops its contents, so a
+        // racing reader reads zeros (an empty slot), which is safe (module docs).
+        unsafe {
+            libc::madvise(
+                node.cast(),
+                std::mem::size_of::<Node>(),
+                libc::MADV_DONTNEED,
+            )
+        };
+        self.cold.push(node);
+    }
+}
+
+impl Drop for NodePool {
+    fn drop(&mut self) {
+        for &slab in &self.slabs {
+            // SAFETY: each slab is a mapping of SLAB_NODES nodes made in `alloc`; the index
+            // is being dropped, so no reader remains.
+            unsafe {
+                libc::munmap(slab.cast(), SLAB_NODES * std::mem::size_of::<Node>());
+            }
+        }
     }
 }
 
 /// See the [module docs](self).
 pub(crate) struct RadixIndex {
     root: Box<Node>,
+    pool: Mutex<NodePool>,
 }
+
+// SAFETY: the raw node pointers in the pool are only used under its mutex (by the writer);
+// readers reach nodes through the atomic slots.
+unsafe impl Send for RadixIndex {}
+// SAFETY: as above.
+unsafe impl Sync for RadixIndex {}
 
 /// Page span `[first, last]` (inclusive) of a byte range, clamped to what the tree covers.
 fn pages(start: usize, end: usize) -> Option<(u64, u64)> {
@@ -75,8 +178,21 @@ fn span_bits(level: u32) -> u32 {
 impl RadixIndex {
     pub(crate) fn new() -> Self {
         RadixIndex {
-            root: Node::new_filled(0),
+            root: Box::new(Node {
+                slots: std::array::from_fn(|_| AtomicUsize::new(0)),
+            }),
+            pool: Mutex::new(NodePool {
+                slabs: Vec::new(),
+                spares: Vec::new(),
+                cold: Vec::new(),
+                in_use: 0,
+            }),
         }
+    }
+
+    /// Bytes of nodes linked into the tree now (the root included).
+    pub(crate) fn bytes(&self) -> usize {
+        (self.pool.lock().in_use + 1) * std::mem::size_of::<Node>()
     }
 
     /// The entry word (an `EntryRef::to_raw`) the tree holds for the page of `addr`, or 0.
@@ -106,12 +222,16 @@ impl RadixIndex {
         }
     }
 
-    /// Whether any slot overlapping `[start, end)` is non-empty (conservative: an upper
-    /// slot counts if its block overlaps). Lock-free, allocation-free.
+    /// Whether any page of `[start, end)` may hold an entry. Entries beyond the covered
+    /// address space are not in the tree, so a range reaching beyond it always may.
+    /// Lock-free, allocation-free.
     pub(crate) fn any_in(&self, start: usize, end: usize) -> bool {
+        if ((end - 1) >> PAGE_BITS) as u64 >= PAGE_LIMIT {
+            return true;
+        }
         match pages(start, end) {
             Some((first, last)) => Self::any_in_node(&self.root, LEVELS - 1, 0, first, last),
-            None => false,
+            None => true,
         }
     }
 
@@ -140,7 +260,8 @@ impl RadixIndex {
         self.update(start, end, &|_| Some(tagged));
     }
 
-    /// Clears the pages of `[start, end)` that point at `entry`. Caller holds the lock.
+    /// Clears the pages of `[start, end)` that point at `entry`, and gives back the nodes
+    /// that became empty. Caller holds the lock.
     pub(crate) fn remove(&self, start: usize, end: usize, entry: usize) {
         let tagged = entry | ENTRY_TAG;
         self.update(start, end, &|cur| (cur == tagged).then_some(0));
@@ -153,14 +274,17 @@ impl RadixIndex {
     }
 
     /// Applies `f` (current slot value → new value, `None` = keep) to every page of
-    /// `[start, end)`, splitting upper slots that the range covers only in part.
+    /// `[start, end)`, splitting upper slots that the range covers only in part and
+    /// unlinking children that end up empty.
     fn update(&self, start: usize, end: usize, f: &dyn Fn(usize) -> Option<usize>) {
         if let Some((first, last)) = pages(start, end) {
-            Self::update_node(&self.root, LEVELS - 1, 0, first, last, f);
+            let mut pool = self.pool.lock();
+            Self::update_node(&mut pool, &self.root, LEVELS - 1, 0, first, last, f);
         }
     }
 
     fn update_node(
+        pool: &mut NodePool,
         node: &Node,
         level: u32,
         base: u64,
@@ -176,10 +300,17 @@ impl RadixIndex {
             let slot_last = slot_first + (1u64 << bits) - 1;
             let cur = node.slots[idx].load(Ordering::Relaxed);
             let is_child = cur != 0 && cur & ENTRY_TAG == 0 && level > 0;
+            // (`f(0) == None` means the update may clear slots but never fills an empty one:
+            // only then can a child become empty.)
             if is_child {
                 // SAFETY: child node owned by this index; we hold the writer lock.
                 let child = unsafe { &*(cur as *const Node) };
-                Self::update_node(child, level - 1, slot_first, first, last, f);
+                Self::update_node(pool, child, level - 1, slot_first, first, last, f);
+                if f(0).is_none() && child.slots.iter().all(|s| s.load(Ordering::Relaxed) == 0) {
+                    // Unlink first (Release), then recycle: see the module docs.
+                    node.slots[idx].store(0, Ordering::Release);
+                    pool.free(cur as *mut Node);
+                }
                 continue;
             }
             let new = match f(cur) {
@@ -192,34 +323,21 @@ impl RadixIndex {
             } else {
                 // Split: a child repeating the current value, then update inside it, then
                 // publish it. Readers see either the old value or the finished child.
-                let child = Box::into_raw(Node::new_filled(cur));
-                // SAFETY: freshly allocated, not yet shared.
-                Self::update_node(unsafe { &*child }, level - 1, slot_first, first, last, f);
+                let child = pool.alloc(cur);
+                // SAFETY: a pool node not linked anywhere yet (only stale readers of a
+                // former use may read it, which the module docs allow).
+                Self::update_node(
+                    pool,
+                    unsafe { &*child },
+                    level - 1,
+                    slot_first,
+                    first,
+                    last,
+                    f,
+                );
                 node.slots[idx].store(child as usize, Ordering::Release);
             }
         }
-    }
-
-    fn free_node(node: &Node, level: u32) {
-        if level == 0 {
-            return;
-        }
-        for slot in &node.slots {
-            let v = slot.load(Ordering::Relaxed);
-            if v != 0 && v & ENTRY_TAG == 0 {
-                // SAFETY: child nodes come from Box::into_raw in update_node and are
-                // reachable from exactly one slot; the index is being dropped, so no
-                // reader remains.
-                let child = unsafe { Box::from_raw(v as *mut Node) };
-                Self::free_node(&child, level - 1);
-            }
-        }
-    }
-}
-
-impl Drop for RadixIndex {
-    fn drop(&mut self) {
-        Self::free_node(&self.root, LEVELS - 1);
     }
 }
 

@@ -60,7 +60,9 @@ pub struct ReadmeDoctests;
 pub use backend::{Backend, BackendError, BackendErrorKind, Capabilities};
 pub use device::{Device, DeviceId};
 pub use error::{memlock_limit, Error, Result};
-pub use manager::{Config, Manager, Pin, Reaper, MAX_DEVICES, MAX_PIN_DEVICES, MAX_SOURCES};
+pub use manager::{
+    Config, Manager, OwnedPin, Pin, Pinned, Reaper, MAX_DEVICES, MAX_PIN_DEVICES, MAX_SOURCES,
+};
 pub use range::{page_size, Range};
-pub use source::{InvalidationSink, ManagerId, NotifierSource, Uncovered};
+pub use source::{IntoSource, InvalidationSink, ManagerId, NotifierSource, Uncovered};
 pub use stats::{DeviceStats, Stats};

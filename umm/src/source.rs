@@ -125,3 +125,28 @@ pub trait NotifierSource: Send + Sync {
         let _ = sink;
     }
 }
+
+/// What [`crate::Manager::add_source`] accepts: a source by value, in an `Arc`, or already
+/// type-erased, so every source crate's constructor plugs in the same way.
+pub trait IntoSource {
+    /// The source, shared with the manager.
+    fn into_source(self) -> std::sync::Arc<dyn NotifierSource>;
+}
+
+impl<S: NotifierSource + 'static> IntoSource for S {
+    fn into_source(self) -> std::sync::Arc<dyn NotifierSource> {
+        std::sync::Arc::new(self)
+    }
+}
+
+impl<S: NotifierSource + 'static> IntoSource for std::sync::Arc<S> {
+    fn into_source(self) -> std::sync::Arc<dyn NotifierSource> {
+        self
+    }
+}
+
+impl IntoSource for std::sync::Arc<dyn NotifierSource> {
+    fn into_source(self) -> std::sync::Arc<dyn NotifierSource> {
+        self
+    }
+}

@@ -110,6 +110,7 @@ pub struct RecordingBackend {
     byte_limit: Option<u64>,
     ledger: Arc<Ledger>,
     hook: Option<RegisterHook>,
+    deregister_hook: Option<RegisterHook>,
 }
 
 impl RecordingBackend {
@@ -121,6 +122,7 @@ impl RecordingBackend {
             byte_limit: None,
             ledger: Arc::new(Ledger::default()),
             hook: None,
+            deregister_hook: None,
         }
     }
 
@@ -147,6 +149,13 @@ impl RecordingBackend {
     /// unmaps or madvises while the manager is registering.
     pub fn with_register_hook(mut self, hook: impl Fn(Range) + Send + Sync + 'static) -> Self {
         self.hook = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs `hook` inside every `deregister`, before recording: a backend that calls back
+    /// into the manager, invalidates or panics while deregistering.
+    pub fn with_deregister_hook(mut self, hook: impl Fn(Range) + Send + Sync + 'static) -> Self {
+        self.deregister_hook = Some(Box::new(hook));
         self
     }
 
@@ -202,6 +211,9 @@ impl Backend for RecordingBackend {
     }
 
     fn deregister(&self, range: Range, t: RecordedTranslation) -> Result<(), BackendError> {
+        if let Some(hook) = &self.deregister_hook {
+            hook(range);
+        }
         let mut live = self.ledger.live.lock();
         match live.get(&t.id) {
             Some(r) if *r == range => {

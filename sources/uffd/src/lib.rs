@@ -50,24 +50,63 @@
 //!   with `UFFDIO_WRITEPROTECT`, which this source never does, so first touches and faults
 //!   after `MADV_DONTNEED` are handled by the kernel as usual. Should a fault event arrive
 //!   anyway it is resolved at once (write protection cleared and the thread woken).
-//! * **fork.** `UFFD_FEATURE_EVENT_FORK` is **not** requested: the child loses the
-//!   registrations (its unmaps never block), and a source used in a child refuses new
-//!   watches with [`UffdError::Forked`]. The child's memory is not covered.
-//! * **Shutdown.** Dropping the source stops the reader after it drained what was queued,
-//!   then closes the userfaultfd, which drops every registration and wakes any thread
-//!   still waiting on an event. A dropped source never leaves a thread blocked.
-//! * **What cannot be watched.** Regular-file `MAP_SHARED` mappings and SysV shm refuse
-//!   registration (`EINVAL`); [`Options::strict`] decides whether such a watch fails (and
-//!   with it the `pin`) or is counted in [`UffdStats::unwatchable`] and left uncovered.
-//! * **One per process.** A range can be registered with one userfaultfd only: a second
-//!   source (say, of a second manager) watching the same memory gets `EBUSY`. Share one
-//!   `Arc<UffdSource>` between managers.
-//! * **Side effects.** Registering part of a mapping splits its VMA (glibc's `realloc` then
-//!   cannot `mremap` it and copies instead); an in-place `mremap` grow gives no event and
-//!   silently extends the registration; after a `REMAP` the registration follows the
-//!   mapping to its new address until the source is dropped.
+//! * **fork.** `UFFD_FEATURE_EVENT_FORK` is **not** requested, so a fork child gets
+//!   nothing from this source: its copies of the watched ranges are not registered (its
+//!   unmaps never block and are not reported), its copy of the source refuses new watches
+//!   and managers ([`UffdError::Forked`]), and dropping, detaching or unwatching there
+//!   does nothing at all: no eventfd write, no `UFFDIO_*` call (a userfaultfd acts on the
+//!   address space of the process that created it, so a child's `UFFDIO_UNREGISTER`
+//!   would remove the parent's registrations). The child's copies of the source's
+//!   descriptors are closed right at fork (a `pthread_atfork` child handler): a child
+//!   that lived on holding them would keep the registrations alive after the parent
+//!   dropped its source, with no reader, and the parent's next munmap of such a range
+//!   would block forever. (A child made by a raw `fork`/`clone` syscall skips that
+//!   handler; dropping the source unregisters every known range explicitly for that
+//!   case.) Use the kernel module source to cover a child.
+//! * **Shutdown.** Dropping the source unregisters its ranges, stops the reader after it
+//!   drained what was queued, then closes the userfaultfd, which drops any registration
+//!   left and wakes any thread still waiting on an event. A dropped source never leaves
+//!   a thread blocked.
+//! * **One manager per source.** Events are drained by whichever manager asks first and
+//!   watches are keyed by the manager's cookies, so a source serves one manager at a
+//!   time: a second [`NotifierSource::attach`] fails with
+//!   [`UffdError::AlreadyAttached`] (the manager's `add_source` with
+//!   [`umm::Error::Source`]) until the first manager is dropped (which detaches it and
+//!   drops its watches). A range can be registered with one userfaultfd only, so two
+//!   managers with two sources cannot watch the same memory either (the second gets
+//!   `EBUSY`): keep one manager per process for memory this source covers.
+//! * **What cannot be watched (strict mode, the default).** The kernel gives userfaultfd
+//!   no event for `fallocate(PUNCH_HOLE)` or `ftruncate` on shmem (tmpfs, memfd,
+//!   hugetlbfs) mappings, nor for `shmat(SHM_REMAP)` over or `shmdt` of SysV shm, and it
+//!   cannot register regular-file mappings at all. Each watch therefore looks up the
+//!   mappings of its range (the miss path only; see *Cost*) and refuses such memory:
+//!   shmem and SysV with [`umm::Uncovered`] naming the operation (the manager's `pin`
+//!   fails with [`umm::Error::Uncovered`]), file mappings with
+//!   [`UffdError::Unsupported`] naming the file and the cause. With [`Options::strict`]
+//!   off, shmem is accepted (a hole punch or truncation then leaves a stale registration,
+//!   unreported) and unregistrable memory is counted in [`UffdStats::unwatchable`].
+//!   Private and shared anonymous memory is watched.
+//! * **VMAs.** Registering part of a mapping splits its VMA, and a process may hold only
+//!   `vm.max_map_count` VMAs (65530 by default); past that the application's own `mmap`
+//!   fails with `ENOMEM`. A watch therefore registers its range rounded out to
+//!   [`Options::span`] (2 MiB) and clipped to its VMAs: watches near each other share one
+//!   registration, adjacent ones merge, a small VMA is registered whole (measured: 40,956
+//!   one-page watches two pages apart add 2 VMAs; registered exactly they would need
+//!   81,912). What can still split is bounded: a watch that could split a VMA is refused
+//!   with [`UffdError::VmaBudget`] once the source's splits reach a quarter of
+//!   `vm.max_map_count`, or the process three quarters of it.
+//! * **Side effects.** Every munmap/mremap/madvise inside a registered span is an event,
+//!   also in its unwatched part (it blocks the caller until read and invalidates nothing
+//!   cached); an in-place `mremap` grow gives no event and silently extends the
+//!   registration; after a `REMAP` the registration follows the mapping to its new
+//!   address until the source is dropped.
 //! * **Cost.** Every event blocks the causing syscall until read: a 64 KiB munmap takes
-//!   ~6 us alone and 10–60 us with the reader (DESIGN section 5).
+//!   ~6 us alone and 10–60 us with the reader. A watch (the miss path) looks up its
+//!   mappings with the `PROCMAP_QUERY` ioctl where the kernel has it (Linux 6.11+;
+//!   measured 0.4 us whatever the VMA count; a whole `try_watch` 0.9 us) and parses
+//!   `/proc/self/maps` up to the range otherwise (17 us with 30 VMAs, growing with the
+//!   VMAs below the range: 26 ms with 20,000). Run the `watch_cost` example to measure.
+//!   Cache hits never classify.
 //!
 //! ## Example
 //!
@@ -103,23 +142,27 @@
 //! source.unwatch(1, range);
 //! ```
 //!
-//! With a manager: `manager.add_source(UffdSource::new(Options::default())?)`.
+//! With a manager: `manager.add_source(UffdSource::new(Options::default())?)`, one
+//! source per manager.
 
 #![deny(missing_docs)]
 
+pub mod maps;
 pub mod sys;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Once, OnceLock, Weak};
 use std::thread::{JoinHandle, ThreadId};
 
 use crossbeam_queue::ArrayQueue;
 use parking_lot::Mutex;
-use umm::{InvalidationSink, NotifierSource, Range};
+use umm::{InvalidationSink, ManagerId, NotifierSource, Range, Uncovered};
 
+use crate::maps::{Mapping, Vma, Vmas};
 use crate::sys::*;
 
 /// Errors of the userfaultfd source.
@@ -154,14 +197,71 @@ pub enum UffdError {
         #[source]
         source: io::Error,
     },
-    /// `UFFDIO_REGISTER` refused the range (file-backed shared mapping, SysV shm, a hole).
-    #[error("cannot watch {range}: UFFDIO_REGISTER failed")]
+    /// `UFFDIO_REGISTER` refused the range.
+    #[error("cannot watch {range} ({mapping}): UFFDIO_REGISTER refused it")]
     Register {
         /// The page-rounded range.
         range: Range,
-        /// The OS error (`EINVAL` for unsupported mappings).
+        /// The mapping there, in words, with its name (path, `[heap]`...).
+        mapping: String,
+        /// The OS error (`ENOMEM`: the process is out of VMAs).
         #[source]
         source: io::Error,
+    },
+    /// The range lies in memory userfaultfd cannot register at all (a regular file
+    /// mapping), so no change of it could be seen (with [`Options::strict`]; without, the
+    /// watch is counted in [`UffdStats::unwatchable`] instead).
+    #[error("cannot watch {range}: it is {mapping}; {cause}")]
+    Unsupported {
+        /// The page-rounded range.
+        range: Range,
+        /// The mapping there, in words, with its path.
+        mapping: String,
+        /// Why userfaultfd cannot watch it, and what to use instead.
+        cause: &'static str,
+    },
+    /// The range is registrable, but the kernel gives userfaultfd no event for an
+    /// operation that can replace its pages ([`Options::strict`]). [`NotifierSource::watch`]
+    /// returns the [`Uncovered`] itself, which the manager reports as
+    /// [`umm::Error::Uncovered`].
+    #[error(transparent)]
+    Uncovered(#[from] Uncovered),
+    /// Part of the range is not mapped.
+    #[error("cannot watch {range}: {hole} is not mapped")]
+    NotMapped {
+        /// The page-rounded range.
+        range: Range,
+        /// The first unmapped part.
+        hole: Range,
+    },
+    /// Reading this process's mappings failed.
+    #[error("cannot watch {range}: reading /proc/self/maps failed")]
+    Maps {
+        /// The page-rounded range.
+        range: Range,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Registering the range would split VMAs past this source's budget: the process
+    /// could run into `vm.max_map_count`, after which the application's own `mmap`s fail
+    /// with `ENOMEM`. Evict cached registrations, or pin larger, fewer ranges.
+    #[error(
+        "cannot watch {range}: its registration would split a VMA, and this source already \
+         added about {added} of the {budget} VMAs it may add (the process has about \
+         {map_count} VMAs, vm.max_map_count is {max_map_count})"
+    )]
+    VmaBudget {
+        /// The page-rounded range.
+        range: Range,
+        /// VMAs the source's registrations added so far (an upper bound).
+        added: usize,
+        /// VMAs the source may add.
+        budget: usize,
+        /// VMAs of the process at the last count.
+        map_count: usize,
+        /// `vm.max_map_count`.
+        max_map_count: usize,
     },
     /// The source was created in another process (this one is a fork child).
     #[error("userfaultfd source of process {owner} used in forked child {current}: it covers nothing here")]
@@ -170,6 +270,15 @@ pub enum UffdError {
         owner: u32,
         /// This process.
         current: u32,
+    },
+    /// The source already serves a manager: its events would reach only whichever manager
+    /// drains first, so it serves one at a time.
+    #[error("this userfaultfd source serves {attached}; it cannot serve {refused} too (one source per manager)")]
+    AlreadyAttached {
+        /// The manager it serves.
+        attached: ManagerId,
+        /// The manager refused.
+        refused: ManagerId,
     },
     /// A range rounded out to pages overflows.
     #[error("range {0} cannot be rounded to pages")]
@@ -182,9 +291,30 @@ pub struct Options {
     /// Ranges the ring holds between two drains; more sets the overflow flag, which makes
     /// the next drain invalidate everything (never dropped silently).
     pub ring_capacity: usize,
-    /// `true` (default): a range the kernel refuses to register fails the watch (and the
-    /// `pin`). `false`: it is counted in [`UffdStats::unwatchable`] and left uncovered.
+    /// `true` (default): refuse to watch memory whose pages can be replaced without a
+    /// userfaultfd event: shmem files (tmpfs, memfd, hugetlbfs: `fallocate(PUNCH_HOLE)`,
+    /// `ftruncate`), SysV shm (`shmat(SHM_REMAP)`, `shmdt`), regular file mappings (not
+    /// registrable at all). The watch, and with it the `pin`, fails with
+    /// [`umm::Error::Uncovered`] (or [`UffdError::Unsupported`]), naming the operation.
+    ///
+    /// `false`: accept the risk. Shmem is registered (munmap, mremap, `MADV_REMOVE` are
+    /// still seen; a hole punch or truncation leaves the cached registration pointing at
+    /// the old pages, and a device keeps reading and writing those); memory the kernel
+    /// refuses to register is counted in [`UffdStats::unwatchable`] and left uncovered.
+    /// Use it only when nothing punches, truncates or re-attaches that memory while it
+    /// is cached, or call [`umm::Manager::invalidate`] yourself when something does.
     pub strict: bool,
+    /// Registration granularity in bytes (default 2 MiB; rounded up to a power of two,
+    /// at least a page). A watch registers its range rounded out to this alignment and
+    /// clipped to the VMAs the range lies in, so watches close to each other share one
+    /// registration and split no VMA, and a small VMA is registered whole. The cost: every
+    /// munmap/mremap/madvise in the widened part is an event too (blocking the caller
+    /// until the reader read it, about 10-60 us), which invalidates nothing cached.
+    /// `0` or a page registers each range exactly (each watch may split two VMAs).
+    pub span: usize,
+    /// Classify mappings with the `PROCMAP_QUERY` ioctl where the kernel has it (Linux
+    /// 6.11+; default `true`); `false` always parses `/proc/self/maps`.
+    pub procmap_query: bool,
 }
 
 impl Default for Options {
@@ -192,6 +322,8 @@ impl Default for Options {
         Options {
             ring_capacity: 4096,
             strict: true,
+            span: 2 << 20,
+            procmap_query: true,
         }
     }
 }
@@ -211,17 +343,102 @@ pub struct UffdStats {
     pub overflows: u64,
     /// Watches the kernel refused while [`Options::strict`] was off.
     pub unwatchable: u64,
+    /// Watches refused because the memory is exposed to operations userfaultfd cannot
+    /// see ([`Options::strict`]).
+    pub uncovered: u64,
+    /// Watches refused by the VMA budget ([`UffdError::VmaBudget`]).
+    pub vma_refusals: u64,
     /// Live watches.
     pub watches: u64,
+    /// Distinct registrations (spans) behind the live watches.
+    pub spans: u64,
+    /// VMAs the live registrations may have added by splitting (an upper bound).
+    pub vmas_added: u64,
+    /// VMAs this source may add (see [`UffdError::VmaBudget`]).
+    pub vma_budget: u64,
+}
+
+/// A raw descriptor that only the process that opened it closes (a fork child's copy
+/// of the source never closes the numbers: the atfork handler closed them already, or
+/// they may name something else by now).
+struct ProcessFd {
+    fd: ManuallyDrop<OwnedFd>,
+    pid: u32,
+}
+
+impl ProcessFd {
+    fn new(fd: OwnedFd) -> ProcessFd {
+        ProcessFd {
+            fd: ManuallyDrop::new(fd),
+            pid: getpid(),
+        }
+    }
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for ProcessFd {
+    fn drop(&mut self) {
+        if getpid() == self.pid {
+            // SAFETY: dropped once, here; never used afterwards.
+            unsafe { ManuallyDrop::drop(&mut self.fd) };
+        }
+    }
+}
+
+/// Descriptors that a fork child closes at once (see [`close_in_child`]): the parent's
+/// userfaultfd and eventfd. -1 = free slot.
+static CHILD_CLOSES: [AtomicI32; 64] = [const { AtomicI32::new(-1) }; 64];
+static ATFORK: Once = Once::new();
+
+/// `pthread_atfork` child handler: closes the child's copies of every source's
+/// descriptors (only `close`, async-signal-safe). Otherwise a child that lives on would
+/// keep the parent's userfaultfd open: when the parent drops its source, the kernel would
+/// keep the registrations (no release while a descriptor exists) with no reader, and the
+/// parent's next munmap of a formerly watched range would block forever.
+extern "C" fn close_in_child() {
+    for slot in &CHILD_CLOSES {
+        let fd = slot.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: closes the child's copy of a descriptor the parent's source owns;
+            // the child's source never closes it again (ProcessFd).
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Registers `fd` to be closed in fork children; returns the slot (None: all taken).
+fn close_in_children(fd: RawFd) -> Option<usize> {
+    ATFORK.call_once(|| {
+        // SAFETY: registers a child handler that only calls close(2).
+        unsafe { libc::pthread_atfork(None, None, Some(close_in_child)) };
+    });
+    let slot = CHILD_CLOSES.iter().position(|s| {
+        s.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    });
+    if slot.is_none() {
+        tracing::warn!(
+            fd,
+            "too many userfaultfd sources: a fork child keeps this one's descriptor"
+        );
+    }
+    slot
+}
+
+fn getpid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
 }
 
 /// State shared by the source and its reader thread.
 struct Shared {
     /// The userfaultfd; closed when the last of source and reader lets go, i.e. after the
     /// reader exited, so the descriptor number is never reused under the reader.
-    uffd: OwnedFd,
+    uffd: ProcessFd,
     /// eventfd that tells the reader to stop.
-    stop: OwnedFd,
+    stop: ProcessFd,
     /// Ranges recorded by the reader, not yet drained.
     ring: ArrayQueue<Range>,
     /// Set by the reader when `ring` was full; the next drain invalidates everything.
@@ -245,19 +462,58 @@ struct Shared {
     overflows: AtomicU64,
 }
 
+/// One watch: the range asked for and the span registered for it.
+#[derive(Clone, Copy, Debug)]
+struct Watch {
+    span: Range,
+}
+
+/// One registered span, shared by the watches whose ranges widen to it.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    /// Watches using it.
+    refs: u32,
+    /// VMA splits its registration may have caused (0-2: span ends inside a VMA).
+    splits: usize,
+}
+
+/// Watches, registrations and the VMA budget (one lock: the miss path only).
+#[derive(Default)]
+struct State {
+    /// Live watches by cookie.
+    watches: BTreeMap<u64, Watch>,
+    /// Registered spans by (start, end); a span is unregistered (where no other span
+    /// covers it) when its last watch goes.
+    spans: BTreeMap<(usize, usize), Span>,
+    /// Sum of `splits` over `spans`.
+    added: usize,
+    /// The process's VMA count when the source was made.
+    baseline: usize,
+    /// The process's VMA count at the last count, and `added` then.
+    counted: usize,
+    added_at_count: usize,
+}
+
 /// The userfaultfd notifier source; see the [crate docs](crate).
 pub struct UffdSource {
     shared: Arc<Shared>,
     options: Options,
-    /// Live watches by cookie (page-rounded ranges). A kernel registration is dropped only
-    /// for the pages no other watch covers.
-    watches: Mutex<BTreeMap<u64, Range>>,
+    state: Mutex<State>,
+    vmas: Vmas,
+    /// `vm.max_map_count` when the source was made.
+    max_map_count: usize,
+    /// The manager served (see [`NotifierSource::attach`]).
+    attached: Mutex<Option<ManagerId>>,
     unwatchable: AtomicU64,
+    uncovered: AtomicU64,
+    vma_refusals: AtomicU64,
     /// Serialises drains: a second drainer must not return (and let its cache hit proceed)
     /// while the first still holds popped ranges it has not delivered yet.
     drain_lock: Mutex<()>,
     reader: Mutex<Option<JoinHandle<()>>>,
     reader_id: ThreadId,
+    /// [`CHILD_CLOSES`] slots of our descriptors.
+    child_slots: Vec<usize>,
     pid: u32,
 }
 
@@ -316,6 +572,30 @@ fn api(fd: &OwnedFd, features: u64) -> io::Result<UffdioApi> {
 const REQUIRED: u64 =
     UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE;
 
+/// A VMA, described for errors: the kind and its name.
+fn describe(v: &Vma, m: Mapping) -> String {
+    if v.name.is_empty() {
+        m.describe().to_string()
+    } else {
+        format!("{} ({})", m.describe(), v.name)
+    }
+}
+
+/// The [`Uncovered`] operation for a mapping the source can register but not protect.
+fn blind_spot(m: Mapping) -> Option<(&'static str, &'static str)> {
+    match m {
+        Mapping::Shmem => Some((
+            "a shmem (tmpfs, memfd, hugetlbfs) file mapping",
+            "fallocate(PUNCH_HOLE) or ftruncate of the file",
+        )),
+        Mapping::SysV => Some((
+            "a SysV shared memory segment",
+            "shmat(SHM_REMAP) over it or shmdt",
+        )),
+        _ => None,
+    }
+}
+
 impl UffdSource {
     /// Opens a userfaultfd, negotiates the UNMAP/REMAP/REMOVE events (and write-protect
     /// mode on shmem where offered) and starts the reader thread.
@@ -357,10 +637,14 @@ impl UffdSource {
                 source: last_os_error(),
             });
         }
+        // SAFETY: `stop` is a fresh descriptor we own.
+        let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+        let mut child_slots = Vec::new();
+        child_slots.extend(close_in_children(uffd.as_raw_fd()));
+        child_slots.extend(close_in_children(stop.as_raw_fd()));
         let shared = Arc::new(Shared {
-            uffd,
-            // SAFETY: `stop` is a fresh descriptor we own.
-            stop: unsafe { OwnedFd::from_raw_fd(stop) },
+            uffd: ProcessFd::new(uffd),
+            stop: ProcessFd::new(stop),
             ring: ArrayQueue::new(options.ring_capacity.max(1)),
             overflow: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -377,21 +661,42 @@ impl UffdSource {
         let reader = std::thread::Builder::new()
             .name("umm-uffd".into())
             .spawn(move || reader_loop(&reader_shared))
-            .map_err(|source| UffdError::Setup {
-                step: "spawning the reader thread",
-                source,
+            .map_err(|source| {
+                for &slot in &child_slots {
+                    CHILD_CLOSES[slot].store(-1, Ordering::Release);
+                }
+                UffdError::Setup {
+                    step: "spawning the reader thread",
+                    source,
+                }
             })?;
-        tracing::debug!(features = granted.features, "userfaultfd source started");
+        let vmas = Vmas::new(options.procmap_query);
+        let counted = maps::map_count().unwrap_or(0);
+        let state = State {
+            baseline: counted,
+            counted,
+            ..State::default()
+        };
+        tracing::debug!(
+            features = granted.features,
+            procmap_query = vmas.uses_procmap_query(),
+            "userfaultfd source started"
+        );
         Ok(Arc::new(UffdSource {
             shared,
             options,
-            watches: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(state),
+            vmas,
+            max_map_count: maps::max_map_count(),
+            attached: Mutex::new(None),
             unwatchable: AtomicU64::new(0),
+            uncovered: AtomicU64::new(0),
+            vma_refusals: AtomicU64::new(0),
             drain_lock: Mutex::new(()),
             reader_id: reader.thread().id(),
             reader: Mutex::new(Some(reader)),
-            // SAFETY: getpid has no preconditions.
-            pid: unsafe { libc::getpid() } as u32,
+            child_slots,
+            pid: getpid(),
         }))
     }
 
@@ -402,9 +707,16 @@ impl UffdSource {
         self.shared.eager.set(sink).is_ok()
     }
 
+    /// Whether mappings are classified with the `PROCMAP_QUERY` ioctl (else by parsing
+    /// `/proc/self/maps`).
+    pub fn uses_procmap_query(&self) -> bool {
+        self.vmas.uses_procmap_query()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> UffdStats {
         let s = &self.shared;
+        let st = self.state.lock();
         UffdStats {
             unmap_events: s.unmap_events.load(Ordering::Relaxed),
             remap_events: s.remap_events.load(Ordering::Relaxed),
@@ -412,60 +724,273 @@ impl UffdSource {
             faults_resolved: s.faults_resolved.load(Ordering::Relaxed),
             overflows: s.overflows.load(Ordering::Relaxed),
             unwatchable: self.unwatchable.load(Ordering::Relaxed),
-            watches: self.watches.lock().len() as u64,
+            uncovered: self.uncovered.load(Ordering::Relaxed),
+            vma_refusals: self.vma_refusals.load(Ordering::Relaxed),
+            watches: st.watches.len() as u64,
+            spans: st.spans.len() as u64,
+            vmas_added: st.added as u64,
+            vma_budget: self.own_budget() as u64,
         }
+    }
+
+    /// VMAs this source may add: a quarter of `vm.max_map_count`.
+    fn own_budget(&self) -> usize {
+        self.max_map_count / 4
+    }
+
+    fn forked(&self) -> Option<UffdError> {
+        let current = getpid();
+        (current != self.pid).then_some(UffdError::Forked {
+            owner: self.pid,
+            current,
+        })
     }
 
     /// Watches `range` (rounded out to pages) under `cookie`; the typed form of
     /// [`NotifierSource::watch`].
     pub fn try_watch(&self, cookie: u64, range: Range) -> Result<(), UffdError> {
-        // SAFETY: getpid has no preconditions.
-        let current = unsafe { libc::getpid() } as u32;
-        if current != self.pid {
-            return Err(UffdError::Forked {
-                owner: self.pid,
-                current,
-            });
+        if let Some(e) = self.forked() {
+            return Err(e);
         }
-        let range = range
-            .align_out(umm::page_size())
-            .map_err(|_| UffdError::Range(range))?;
-        let mut watches = self.watches.lock();
+        let page = umm::page_size();
+        let range = range.align_out(page).map_err(|_| UffdError::Range(range))?;
+        let vmas = self
+            .vmas
+            .covering(range)
+            .map_err(|source| UffdError::Maps { range, source })?;
+        let mut at = range.start();
+        for v in &vmas {
+            if v.start > at {
+                let hole = Range::from_bounds(at, v.start).map_err(|_| UffdError::Range(range))?;
+                return Err(UffdError::NotMapped { range, hole });
+            }
+            at = v.end;
+        }
+        if at < range.end() {
+            let hole = Range::from_bounds(at, range.end()).map_err(|_| UffdError::Range(range))?;
+            return Err(UffdError::NotMapped { range, hole });
+        }
+        let mut widen = true;
+        let mut lax_unregistrable = None;
+        for v in &vmas {
+            let m = v.mapping();
+            match m {
+                Mapping::PrivateAnonymous | Mapping::SharedAnonymous => {}
+                Mapping::Shmem | Mapping::SysV => {
+                    if self.options.strict {
+                        self.uncovered.fetch_add(1, Ordering::Relaxed);
+                        let (mapping, operation) = blind_spot(m).expect("shmem and SysV have one");
+                        return Err(UffdError::Uncovered(Uncovered {
+                            range,
+                            mapping,
+                            operation,
+                        }));
+                    }
+                    widen &= m == Mapping::Shmem;
+                }
+                Mapping::SharedFile | Mapping::PrivateFile => {
+                    let cause = if m == Mapping::SharedFile {
+                        "userfaultfd cannot register shared mappings of regular files (the \
+                         kernel refuses them with EINVAL), so it would see no munmap there; \
+                         use the kernel module source"
+                    } else {
+                        "userfaultfd cannot register private file mappings in write-protect \
+                         mode (EINVAL), and would not see an ftruncate of the file; copy the \
+                         data to anonymous memory or use the kernel module source"
+                    };
+                    if self.options.strict {
+                        self.uncovered.fetch_add(1, Ordering::Relaxed);
+                        return Err(UffdError::Unsupported {
+                            range,
+                            mapping: describe(v, m),
+                            cause,
+                        });
+                    }
+                    lax_unregistrable = Some(describe(v, m));
+                }
+                Mapping::Special => widen = false,
+            }
+        }
+        if let Some(mapping) = lax_unregistrable {
+            self.unwatchable.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%range, mapping, "not covered by userfaultfd (Options::strict is off)");
+            return Ok(());
+        }
+        let (first, last) = match (vmas.first(), vmas.last()) {
+            (Some(f), Some(l)) => (f, l),
+            _ => unreachable!("a mapped range has a VMA"),
+        };
+        let span_align = self.options.span.max(page).next_power_of_two();
+        let span = if widen && span_align > page {
+            let start = (range.start() & !(span_align - 1)).max(first.start);
+            let end = range
+                .end()
+                .checked_next_multiple_of(span_align)
+                .unwrap_or(usize::MAX & !(page - 1))
+                .min(last.end);
+            Range::from_bounds(start, end).map_err(|_| UffdError::Range(range))?
+        } else {
+            range
+        };
+        let splits = usize::from(span.start() > first.start) + usize::from(span.end() < last.end);
+        let mut st = self.state.lock();
+        let key = (span.start(), span.end());
+        if splits > 0 && !st.spans.contains_key(&key) {
+            self.check_budget(&mut st, range, splits)?;
+        }
         let mut reg = UffdioRegister {
             range: UffdioRange {
-                start: range.start() as u64,
-                len: range.len() as u64,
+                start: span.start() as u64,
+                len: span.len() as u64,
             },
             mode: UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register` (layout tested).
-        // Registering pages that are already registered with this descriptor is allowed.
-        let rc =
-            unsafe { libc::ioctl(self.shared.uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+        // Registering pages that are already registered with this descriptor is allowed
+        // (done every time: a span we registered before may have been unmapped and
+        // mapped afresh since, unregistered).
+        let rc = unsafe { libc::ioctl(self.shared.uffd.raw(), UFFDIO_REGISTER as _, &mut reg) };
         if rc < 0 {
             let source = last_os_error();
+            let mapping = describe(first, first.mapping());
             if self.options.strict {
-                return Err(UffdError::Register { range, source });
+                return Err(UffdError::Register {
+                    range,
+                    mapping,
+                    source,
+                });
             }
             self.unwatchable.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%range, error = %source, "range not covered by userfaultfd");
+            tracing::warn!(%range, mapping, error = %source, "range not covered by userfaultfd");
             return Ok(());
         }
-        watches.insert(cookie, range);
+        if let Some(old) = st.watches.insert(cookie, Watch { span }) {
+            // A cookie watched twice (not done by a manager): drop the old registration.
+            self.release(&mut st, old.span);
+        }
+        let s = st.spans.entry(key).or_insert(Span { refs: 0, splits });
+        s.refs += 1;
+        if s.refs == 1 {
+            st.added += splits;
+        }
         Ok(())
     }
 
-    fn unregister(&self, range: Range) {
+    /// Refuses a registration that may add `splits` VMAs past the budget: the source's
+    /// own quarter of `vm.max_map_count`, and three quarters of it for the whole process.
+    /// The source's share is the smaller of the splits its live spans may have caused
+    /// (adjacent spans merge, so this overestimates) and the process's growth since the
+    /// source was made; the process is counted again every 512 splits and before refusing.
+    fn check_budget(&self, st: &mut State, range: Range, splits: usize) -> Result<(), UffdError> {
+        let max = self.max_map_count;
+        let total_cap = max - max / 4;
+        let estimate = |st: &State| (st.counted + st.added).saturating_sub(st.added_at_count);
+        let own = |st: &State| st.added.min(estimate(st).saturating_sub(st.baseline));
+        let over =
+            |st: &State| own(st) + splits > self.own_budget() || estimate(st) + splits > total_cap;
+        if (over(st) && st.added != st.added_at_count) || st.added >= st.added_at_count + 512 {
+            if let Ok(n) = maps::map_count() {
+                st.counted = n;
+                st.added_at_count = st.added;
+            }
+        }
+        if over(st) {
+            self.vma_refusals.fetch_add(1, Ordering::Relaxed);
+            return Err(UffdError::VmaBudget {
+                range,
+                added: own(st),
+                budget: self.own_budget(),
+                map_count: estimate(st),
+                max_map_count: max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops one watch's reference to `span`; unregisters the parts of it no other live
+    /// span covers when it was the last.
+    fn release(&self, st: &mut State, span: Range) {
+        let key = (span.start(), span.end());
+        let Some(s) = st.spans.get_mut(&key) else {
+            return;
+        };
+        s.refs -= 1;
+        if s.refs > 0 {
+            return;
+        }
+        let splits = s.splits;
+        st.spans.remove(&key);
+        st.added -= splits;
+        let others = st
+            .spans
+            .keys()
+            .filter_map(|&(a, b)| Range::from_bounds(a, b).ok());
+        for part in uncovered(span, others) {
+            self.unregister(part);
+        }
+    }
+
+    /// Drops every watch and registration (the manager served went away).
+    fn unwatch_all(&self) {
+        let mut st = self.state.lock();
+        let spans: Vec<Range> = st
+            .spans
+            .keys()
+            .filter_map(|&(a, b)| Range::from_bounds(a, b).ok())
+            .collect();
+        st.watches.clear();
+        st.spans.clear();
+        st.added = 0;
+        for span in spans {
+            self.unregister(span);
+        }
+    }
+
+    fn unregister_exact(&self, range: Range) -> io::Result<()> {
         let r = UffdioRange {
             start: range.start() as u64,
             len: range.len() as u64,
         };
         // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range` (layout tested).
-        let rc = unsafe { libc::ioctl(self.shared.uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &r) };
+        let rc = unsafe { libc::ioctl(self.shared.uffd.raw(), UFFDIO_UNREGISTER as _, &r) };
         if rc < 0 {
-            // Typically the range is no longer mapped (the kernel already dropped it).
-            tracing::trace!(%range, error = %last_os_error(), "UFFDIO_UNREGISTER");
+            Err(last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Unregisters what is still registered of `range`. The kernel refuses (`EINVAL`) a
+    /// range with no VMA left (it was unmapped: the usual case after an UNMAP event) or one
+    /// that now holds a mapping userfaultfd cannot register; then each registrable VMA
+    /// left in it is unregistered on its own.
+    fn unregister(&self, range: Range) {
+        let Err(error) = self.unregister_exact(range) else {
+            return;
+        };
+        let vmas = self.vmas.covering(range).unwrap_or_default();
+        let mut left = 0;
+        for v in vmas {
+            let m = v.mapping();
+            if !matches!(
+                m,
+                Mapping::PrivateAnonymous | Mapping::SharedAnonymous | Mapping::Shmem
+            ) {
+                continue;
+            }
+            let Ok(vr) = Range::from_bounds(v.start, v.end) else {
+                continue;
+            };
+            if let Some(part) = vr.intersection(&range) {
+                left += 1;
+                if let Err(e) = self.unregister_exact(part) {
+                    tracing::warn!(range = %part, mapping = describe(&v, m), error = %e, "UFFDIO_UNREGISTER failed; the range stays registered until the source is dropped");
+                }
+            }
+        }
+        if left == 0 {
+            tracing::trace!(%range, %error, "UFFDIO_UNREGISTER: nothing registrable is mapped there any more (unmapped since)");
         }
     }
 }
@@ -493,21 +1018,68 @@ impl NotifierSource for UffdSource {
         "userfaultfd"
     }
 
+    /// Refuses a second manager ([`UffdError::AlreadyAttached`]) until the first detached,
+    /// and any manager in a fork child ([`UffdError::Forked`]).
+    fn attach(&self, manager: ManagerId) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(e) = self.forked() {
+            return Err(e.into());
+        }
+        let mut attached = self.attached.lock();
+        match *attached {
+            Some(a) => Err(UffdError::AlreadyAttached {
+                attached: a,
+                refused: manager,
+            }
+            .into()),
+            None => {
+                *attached = Some(manager);
+                Ok(())
+            }
+        }
+    }
+
+    /// The manager's watches end with it: every registration is dropped and the events
+    /// not drained yet are discarded, so the next manager starts clean. In a fork child
+    /// nothing is touched.
+    fn detach(&self, manager: ManagerId) {
+        if self.forked().is_some() {
+            return;
+        }
+        {
+            let mut attached = self.attached.lock();
+            if *attached != Some(manager) {
+                return;
+            }
+            *attached = None;
+        }
+        self.unwatch_all();
+        let _one_at_a_time = self.drain_lock.lock();
+        while self.shared.ring.pop().is_some() {}
+        self.shared.overflow.store(false, Ordering::Release);
+    }
+
     fn watch(
         &self,
         cookie: u64,
         range: Range,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        self.try_watch(cookie, range).map_err(Into::into)
+        match self.try_watch(cookie, range) {
+            Ok(()) => Ok(()),
+            // The manager recognises the bare `Uncovered` (umm::Error::Uncovered).
+            Err(UffdError::Uncovered(u)) => Err(Box::new(u)),
+            Err(e) => Err(e.into()),
+        }
     }
 
+    /// In a fork child this does nothing: the registration is the parent's (the
+    /// userfaultfd acts on the mm of the process that created it).
     fn unwatch(&self, cookie: u64, _range: Range) {
-        let mut watches = self.watches.lock();
-        let Some(range) = watches.remove(&cookie) else {
+        if self.forked().is_some() {
             return;
-        };
-        for part in uncovered(range, watches.values().copied()) {
-            self.unregister(part);
+        }
+        let mut st = self.state.lock();
+        if let Some(w) = st.watches.remove(&cookie) {
+            self.release(&mut st, w.span);
         }
     }
 
@@ -516,6 +1088,10 @@ impl NotifierSource for UffdSource {
     }
 
     fn drain(&self, sink: &dyn InvalidationSink) {
+        if self.forked().is_some() {
+            // No reader here, and nothing of the parent's is ours to report.
+            return;
+        }
         let _one_at_a_time = self.drain_lock.lock();
         // Wait (bounded) until the reader recorded every event announced so far: the
         // causing syscall may have returned already, its range must be in the ring now.
@@ -550,16 +1126,27 @@ impl NotifierSource for UffdSource {
 
 impl Drop for UffdSource {
     fn drop(&mut self) {
+        if getpid() != self.pid {
+            // A fork child's copy: the descriptors, the reader and the registrations are
+            // the parent's. Write nothing, unregister nothing, join nothing (the
+            // descriptors were closed at fork, see `close_in_child`).
+            return;
+        }
+        // Unregister explicitly (not only by closing): a descriptor copy that survives
+        // elsewhere (a child forked by a raw syscall, which skips the atfork handler)
+        // would keep the registrations alive with no reader.
+        self.unwatch_all();
+        for &slot in &self.child_slots {
+            CHILD_CLOSES[slot].store(-1, Ordering::Release);
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from `one` to our eventfd.
-        unsafe { libc::write(self.shared.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        // SAFETY: getpid has no preconditions.
-        let same_process = unsafe { libc::getpid() } as u32 == self.pid;
+        unsafe { libc::write(self.shared.stop.raw(), (&one as *const u64).cast(), 8) };
         let on_reader = std::thread::current().id() == self.reader_id;
         if let Some(handle) = self.reader.lock().take() {
-            // In a fork child the reader thread does not exist; on the reader itself (the
-            // eager sink dropped the last reference) joining would wait for ourselves.
-            if same_process && !on_reader && handle.join().is_err() {
+            // On the reader itself (the eager sink dropped the last reference) joining
+            // would wait for ourselves.
+            if !on_reader && handle.join().is_err() {
                 tracing::error!("userfaultfd reader thread panicked");
             }
         }
@@ -585,12 +1172,12 @@ fn reader_rounds(s: &Shared) {
     loop {
         let mut fds = [
             libc::pollfd {
-                fd: s.uffd.as_raw_fd(),
+                fd: s.uffd.raw(),
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: s.stop.as_raw_fd(),
+                fd: s.stop.raw(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -613,7 +1200,7 @@ fn reader_rounds(s: &Shared) {
             // plain-old-data `uffd_msg` mirrors.
             let n = unsafe {
                 libc::read(
-                    s.uffd.as_raw_fd(),
+                    s.uffd.raw(),
                     msgs.as_mut_ptr().cast(),
                     std::mem::size_of_val(&msgs),
                 )
@@ -675,10 +1262,10 @@ fn handle(s: &Shared, msg: &UffdMsg) {
             };
             // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect`; mode 0 clears
             // the protection and wakes the faulting thread.
-            let rc = unsafe { libc::ioctl(s.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &wp) };
+            let rc = unsafe { libc::ioctl(s.uffd.raw(), UFFDIO_WRITEPROTECT as _, &wp) };
             if rc < 0 {
                 // SAFETY: UFFDIO_WAKE reads one `uffdio_range`.
-                unsafe { libc::ioctl(s.uffd.as_raw_fd(), UFFDIO_WAKE as _, &wp.range) };
+                unsafe { libc::ioctl(s.uffd.raw(), UFFDIO_WAKE as _, &wp.range) };
             }
             s.faults_resolved.fetch_add(1, Ordering::Relaxed);
         }

@@ -117,6 +117,51 @@ pub struct UffdMsg {
     pub arg: [u64; 3],
 }
 
+/// `PROCMAP_QUERY = _IOWR('f', 17, struct procmap_query)` on an open `/proc/<pid>/maps`
+/// (Linux 6.11+; older kernels answer `ENOTTY`).
+pub const PROCMAP_QUERY: u64 =
+    (3 << 30) | ((std::mem::size_of::<ProcmapQuery>() as u64) << 16) | (0x66 << 8) | 17;
+/// `PROCMAP_QUERY_VMA_SHARED`: the VMA is a shared mapping (`VM_MAYSHARE`).
+pub const PROCMAP_QUERY_VMA_SHARED: u64 = 0x08;
+/// `PROCMAP_QUERY_COVERING_OR_NEXT_VMA`: return the VMA covering the address, or the next one.
+pub const PROCMAP_QUERY_COVERING_OR_NEXT_VMA: u64 = 0x10;
+
+/// `struct procmap_query` (`include/uapi/linux/fs.h`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcmapQuery {
+    /// (in) `sizeof(struct procmap_query)`.
+    pub size: u64,
+    /// (in) `PROCMAP_QUERY_*` flags.
+    pub query_flags: u64,
+    /// (in) the address to query.
+    pub query_addr: u64,
+    /// (out) start of the VMA found.
+    pub vma_start: u64,
+    /// (out) end of the VMA found.
+    pub vma_end: u64,
+    /// (out) `PROCMAP_QUERY_VMA_*` flags.
+    pub vma_flags: u64,
+    /// (out) page size of the VMA.
+    pub vma_page_size: u64,
+    /// (out) file offset of the VMA.
+    pub vma_offset: u64,
+    /// (out) inode of the backing file, 0 if none.
+    pub inode: u64,
+    /// (out) device major of the backing file.
+    pub dev_major: u32,
+    /// (out) device minor of the backing file.
+    pub dev_minor: u32,
+    /// (in/out) size of the name buffer / of the name with its NUL (0: no name).
+    pub vma_name_size: u32,
+    /// (in/out) size of the build-id buffer (0: not wanted).
+    pub build_id_size: u32,
+    /// (in) address of the name buffer.
+    pub vma_name_addr: u64,
+    /// (in) address of the build-id buffer.
+    pub build_id_addr: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +176,9 @@ mod tests {
         assert_eq!(size_of::<UffdMsg>(), 32);
         assert_eq!(offset_of!(UffdMsg, arg), 8);
         assert_eq!(offset_of!(UffdioRegister, mode), 16);
+        assert_eq!(size_of::<ProcmapQuery>(), 104);
+        assert_eq!(offset_of!(ProcmapQuery, dev_major), 72);
+        assert_eq!(offset_of!(ProcmapQuery, vma_name_addr), 88);
     }
 
     #[test]
@@ -141,5 +189,6 @@ mod tests {
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert_eq!(PROCMAP_QUERY, 0xc068_6611);
     }
 }

@@ -169,7 +169,13 @@ fn mremap_move_reports_the_old_place() {
 
 #[test]
 fn overlapping_watches_keep_the_registration_until_the_last_unwatch() {
-    let Some(s) = source() else { return };
+    let Some(_) = source() else { return };
+    // Exact registrations (no widening), so the pages of each watch are all there is.
+    let s = UffdSource::new(Options {
+        span: 0,
+        ..Options::default()
+    })
+    .unwrap();
     let r = map(4);
     s.watch(10, r).unwrap();
     s.watch(11, Range::new(r.start(), umm::page_size()).unwrap())
@@ -188,6 +194,36 @@ fn overlapping_watches_keep_the_registration_until_the_last_unwatch() {
     });
     assert_eq!(drained(&s), vec![Range::new(r.start(), page).unwrap()]);
     s.unwatch(11, r);
+}
+
+#[test]
+fn watches_in_one_small_vma_share_its_whole_registration() {
+    let Some(s) = source() else { return };
+    let page = umm::page_size();
+    let r = map(8);
+    let one = move |i: usize| Range::new(r.start() + i * page, page).unwrap();
+    s.watch(20, one(1)).unwrap();
+    s.watch(21, one(5)).unwrap();
+    let st = s.stats();
+    assert_eq!((st.watches, st.spans, st.vmas_added), (2, 1, 0), "{st:?}");
+    s.unwatch(20, one(1));
+    // The VMA stays registered for cookie 21: an unmap of an unwatched page of it is an
+    // event too (it invalidates nothing cached).
+    within("munmap of page 7", move || {
+        // SAFETY: unmaps a page of our own mapping.
+        unsafe { libc::munmap(one(7).start() as *mut _, page) }
+    });
+    assert_eq!(drained(&s), vec![one(7)]);
+    s.unwatch(21, one(5));
+    assert_eq!(s.stats().spans, 0);
+    within("munmap of the rest", move || {
+        // SAFETY: unmaps the rest of our own mapping.
+        unsafe { libc::munmap(r.start() as *mut _, 7 * page) }
+    });
+    assert!(
+        drained(&s).is_empty(),
+        "the last unwatch unregistered the VMA"
+    );
 }
 
 #[test]
@@ -252,15 +288,19 @@ fn sysv_shm_is_refused_in_strict_mode_and_counted_otherwise() {
         (id, libc::shmat(id, std::ptr::null(), 0))
     };
     let r = Range::new(p as usize, len).unwrap();
+    // Strict: refused before registering, naming what userfaultfd cannot see there.
     match s.try_watch(1, r) {
-        Err(UffdError::Register { range, .. }) => assert_eq!(range, r),
-        Ok(()) => {
-            eprintln!("note: this kernel registers SysV shm with userfaultfd");
-            s.unwatch(1, r);
+        Err(UffdError::Uncovered(u)) => {
+            assert_eq!(u.range, r);
+            assert!(u.operation.contains("shmat(SHM_REMAP)"), "{u}");
         }
-        Err(e) => panic!("{e}"),
+        other => panic!("{other:?}"),
     }
+    assert_eq!(s.stats().uncovered, 1);
+    // Not strict: the kernel refuses it (without UFFD_FEATURE_WP_ASYNC), so it is counted.
     lax.try_watch(2, r).unwrap();
+    let st = lax.stats();
+    assert_eq!(st.unwatchable + st.watches, 1, "{st:?}");
     // SAFETY: detaches and removes our own segment.
     unsafe {
         libc::shmdt(p);

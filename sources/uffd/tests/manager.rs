@@ -159,3 +159,41 @@ fn register_that_unmaps_watched_memory_does_not_deadlock() {
         },
     );
 }
+
+#[test]
+fn a_second_manager_is_refused_until_the_first_detaches() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(source) = source() else { return };
+    let first = Manager::default();
+    let second = Manager::default();
+    first.add_source(source.clone()).unwrap();
+    match second.add_source(source.clone()) {
+        Err(umm::Error::Source { source: e, .. }) => {
+            assert!(
+                matches!(
+                    e.downcast_ref::<umm_uffd::UffdError>(),
+                    Some(umm_uffd::UffdError::AlreadyAttached { .. })
+                ),
+                "{e:?}"
+            );
+        }
+        other => panic!("a second manager was not refused: {other:?}"),
+    }
+    // The same manager twice is a second attachment too.
+    assert!(first.add_source(source.clone()).is_err());
+    // The first manager's watches end with it; the source can serve another one then.
+    let dev = first.attach(RecordingBackend::new("rec")).unwrap();
+    let len = 4 * umm::page_size();
+    let b = map_at(0, len, 1);
+    drop(first.pin(Range::new(b, len).unwrap(), &[dev.id()]).unwrap());
+    assert_eq!(source.stats().watches, 1);
+    drop(first);
+    assert_eq!(
+        source.stats().watches,
+        0,
+        "the first manager's watches outlived it"
+    );
+    second.add_source(source.clone()).unwrap();
+    // SAFETY: the test's mapping.
+    unsafe { libc::munmap(b as *mut _, len) };
+}

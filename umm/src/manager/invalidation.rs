@@ -1,0 +1,242 @@
+//! Recording invalidations (lock-free, from any thread) and applying them (under the
+//! device's lock, never calling a backend).
+
+use std::sync::atomic::Ordering;
+
+use crate::entry::{EntryRef, INVALID};
+use crate::range::Range;
+
+use super::device::{DeviceSlot, DeviceState, EntryMap, Locked};
+use super::Manager;
+
+/// Old-era entries unlinked per lock acquisition (bounded so bulk invalidation never holds
+/// a device's lock for long).
+pub(super) const OLD_SLICE: usize = 1024;
+
+/// Entries of `map` overlapping `range`.
+pub(super) fn overlapping(map: &EntryMap, max_len: usize, range: &Range) -> Vec<EntryRef> {
+    let lo = range.start().saturating_sub(max_len);
+    map.range((lo, 0)..=(range.end(), u64::MAX))
+        .map(|(_, e)| *e)
+        .filter(|e| {
+            // SAFETY: the caller holds the writer lock (it has the map).
+            unsafe { e.writer() }.range.overlaps(range)
+        })
+        .collect()
+}
+
+impl Manager {
+    /// Invalidates every registration overlapping `range`, on every device.
+    ///
+    /// Callable from any thread, including a notifier thread whose event blocks a thread
+    /// inside [`Manager::pin`]: it never waits for a writer lock and never calls a backend
+    /// (see the [module docs](super)). When it returns, no hit returns an overlapping
+    /// registration; the deregistrations follow (last pin drop, next miss, `flush`,
+    /// reaper). It may allocate and free while applying; hooks that can run inside the
+    /// allocator use [`Manager::invalidate_deferred`].
+    pub fn invalidate(&self, range: Range) {
+        if self.record(Some(range)) {
+            for dev in self.each_device() {
+                if !dev.clean() {
+                    drop(Locked::try_lock(self, dev, false));
+                }
+            }
+        }
+    }
+
+    /// The recording half of [`Manager::invalidate`]: allocation-free, lock-free and
+    /// async-signal-safe. The invalidation is applied by the next `pin`, `flush`,
+    /// `is_valid` or reaper pass; no hit returns an overlapping registration after this
+    /// returns. Ranges that overlap no registration cost a few loads and are not queued.
+    pub fn invalidate_deferred(&self, range: Range) {
+        self.record(Some(range));
+    }
+
+    /// Invalidates every registration on every device (a notifier lost events). O(1)
+    /// under each device's lock: the device's era moves on, and the old entries are
+    /// unlinked and deregistered a slice at a time afterwards.
+    pub fn invalidate_all(&self) {
+        self.record(None);
+        for dev in self.each_device() {
+            drop(Locked::try_lock(self, dev, false));
+        }
+    }
+
+    /// Records the invalidation on each device it may concern; returns whether any.
+    ///
+    /// A device is concerned when its index has an entry on a page of the range, or a
+    /// registration in flight overlaps it. The loads go: `registering`, then the index,
+    /// then the in-flight bounds. A registration that finished before the first load has
+    /// published its index entry (it decrements `registering` after the insert); one that
+    /// is in flight stored its bounds before incrementing, and widens them before the
+    /// neighbours it absorbs leave the index, so a recorder that no longer finds a
+    /// neighbour in the index (an Acquire load of the cleared slot) sees the widened bounds.
+    fn record(&self, range: Option<Range>) -> bool {
+        let mut any = false;
+        for dev in self.each_device() {
+            let concerned = match range {
+                Some(r) => {
+                    let registering = dev.registering.load(Ordering::SeqCst) > 0;
+                    dev.index.any_in(r.start(), r.end())
+                        || (registering && dev.inflight_overlaps(&r))
+                }
+                None => true,
+            };
+            if concerned {
+                dev.record(range);
+                any = true;
+            }
+        }
+        match range {
+            None => self.invalidate_alls.fetch_add(1, Ordering::Relaxed),
+            Some(_) if any => self.invalidations.fetch_add(1, Ordering::Relaxed),
+            Some(_) => 0,
+        };
+        any
+    }
+
+    /// Applies recorded invalidations and queued releases. Never calls a backend.
+    pub(super) fn apply_pending(&self, dev: &DeviceSlot, st: &mut DeviceState) {
+        let target = dev.dirty.load(Ordering::SeqCst);
+        if target != dev.applied.load(Ordering::SeqCst) {
+            if dev.pending_all.swap(false, Ordering::SeqCst) {
+                while dev.pending.pop().is_some() {}
+                self.invalidate_everything_locked(dev, st);
+            }
+            while let Some(r) = dev.pending.pop() {
+                self.invalidate_locked(dev, st, r);
+            }
+            dev.applied.fetch_max(target, Ordering::SeqCst);
+        }
+        while let Some(e) = dev.releases.pop() {
+            self.reclaim(dev, st, e);
+        }
+    }
+
+    /// Marks every live entry overlapping `range` invalid.
+    fn invalidate_locked(&self, dev: &DeviceSlot, st: &mut DeviceState, range: Range) {
+        if let Some((inflight, hit)) = st.inflight.as_mut() {
+            if range.overlaps(inflight) {
+                *hit = true;
+            }
+        }
+        for e in overlapping(&st.live, st.max_len, &range) {
+            e.set_state(INVALID);
+            self.unlink_live(dev, st, e);
+            dev.counters
+                .invalidated_entries
+                .fetch_add(1, Ordering::Relaxed);
+            // SAFETY: writer lock held.
+            tracing::debug!(device = %dev.id, range = %unsafe { e.writer() }.range, "invalidated");
+            Self::doom_or_keep_stale(st, e);
+        }
+        self.clean_old_overlapping(dev, st, &range);
+    }
+
+    /// Invalidates every live entry in O(1): a new era (hits refuse older ones), and the
+    /// live set becomes the old set, unlinked later by [`Manager::clean_old`].
+    fn invalidate_everything_locked(&self, dev: &DeviceSlot, st: &mut DeviceState) {
+        if let Some((_, hit)) = st.inflight.as_mut() {
+            *hit = true;
+        }
+        dev.era.fetch_add(1, Ordering::SeqCst);
+        let n = st.live.len() as u64;
+        // `append` into an empty map is a swap; the LRU and parked maps are not dropped
+        // here (that is O(n)) but emptied a slice at a time with the old entries.
+        let mut live = std::mem::take(&mut st.live);
+        st.old.append(&mut live);
+        let mut lru = std::mem::take(&mut st.lru);
+        let mut parked = std::mem::take(&mut st.parked);
+        st.old_lru.append(&mut lru);
+        st.old_lru.append(&mut parked);
+        dev.counters
+            .invalidated_entries
+            .fetch_add(n, Ordering::Relaxed);
+        dev.counters.cached_entries.store(0, Ordering::Relaxed);
+        tracing::debug!(device = %dev.id, entries = n, "invalidated everything (new era)");
+    }
+
+    /// Unlinks up to `budget` old-era entries (invalidated wholesale): each becomes
+    /// `INVALID`, leaves the index, and is doomed or kept stale until its pins drop.
+    pub(super) fn clean_old(&self, dev: &DeviceSlot, st: &mut DeviceState, budget: usize) {
+        for _ in 0..budget {
+            if st.old_lru.pop_first().is_none() {
+                break;
+            }
+        }
+        for _ in 0..budget {
+            let Some((_, e)) = st.old.pop_first() else {
+                return;
+            };
+            Self::kill_old(dev, st, e);
+        }
+    }
+
+    /// Unlinks the old-era entries overlapping `range` now (a no-overlap device must be
+    /// rid of them before registering there).
+    pub(super) fn clean_old_overlapping(
+        &self,
+        dev: &DeviceSlot,
+        st: &mut DeviceState,
+        range: &Range,
+    ) {
+        if st.old.is_empty() {
+            return;
+        }
+        for e in overlapping(&st.old, st.max_len, range) {
+            // SAFETY: writer lock held.
+            let w = unsafe { e.writer() };
+            st.old.remove(&(w.range.start(), w.id));
+            Self::kill_old(dev, st, e);
+        }
+    }
+
+    fn kill_old(dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+        e.set_state(INVALID);
+        // SAFETY: writer lock held.
+        let w = unsafe { e.writer() };
+        w.parked = false;
+        dev.index.remove(w.range.start(), w.range.end(), e.to_raw());
+        Self::doom_or_keep_stale(st, e);
+    }
+
+    /// An entry just made `INVALID`: deregistered at the next reap if nobody holds it,
+    /// else kept on the stale list until its last pin drops.
+    fn doom_or_keep_stale(st: &mut DeviceState, e: EntryRef) {
+        if e.refs() == 0 {
+            st.doomed.push(e);
+        } else {
+            // SAFETY: writer lock held.
+            let w = unsafe { e.writer() };
+            w.stale = true;
+            st.stale.insert(w.id, e);
+        }
+    }
+
+    /// Removes a killed or invalidated live entry from the live set, the LRU (or the
+    /// parked list) and the index, and re-exposes the live entries it shadowed there.
+    pub(super) fn unlink_live(&self, dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+        // SAFETY: writer lock held.
+        let w = unsafe { e.writer() };
+        let (range, id, seq) = (w.range, w.id, w.lru_seq);
+        if w.parked {
+            w.parked = false;
+            st.parked.remove(&seq);
+        } else {
+            st.lru.remove(&seq);
+        }
+        if st.live.remove(&(range.start(), id)).is_some() {
+            dev.counters.cached_entries.fetch_sub(1, Ordering::Relaxed);
+        }
+        dev.index.remove(range.start(), range.end(), e.to_raw());
+        for other in overlapping(&st.live, st.max_len, &range) {
+            // SAFETY: writer lock held.
+            let r = unsafe { other.writer() }.range;
+            dev.index.fill_empty(
+                r.start().max(range.start()),
+                r.end().min(range.end()),
+                other.to_raw(),
+            );
+        }
+    }
+}

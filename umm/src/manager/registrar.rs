@@ -1,0 +1,431 @@
+//! The miss path: a slow hit under the lock, or watch + register + publish, with the
+//! overlap rules of devices that refuse overlapping registrations.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendErrorKind, ErasedTranslation};
+use crate::entry::{Acquire, Chunk, EntryRef, LIVE};
+use crate::error::{memlock_limit, Error, Result};
+use crate::range::Range;
+use crate::source::{NotifierSource, Uncovered};
+
+use super::device::{DeviceSlot, DeviceState, Locked};
+use super::invalidation::overlapping;
+use super::Manager;
+
+/// How many times a registration invalidated while in flight is retried.
+const REGISTER_ATTEMPTS: u32 = 3;
+
+/// Marks a registration in flight for lock-free recorders (see `Manager::record`); the
+/// mark is taken off on every path, unwinding from a panicking backend included.
+struct InFlight<'a> {
+    dev: &'a DeviceSlot,
+}
+
+impl<'a> InFlight<'a> {
+    fn begin(dev: &'a DeviceSlot, st: &mut DeviceState, want: Range) -> Self {
+        st.inflight = None;
+        // Bounds before the count: a recorder that sees the count sees them.
+        dev.set_inflight(st, want);
+        dev.registering.fetch_add(1, Ordering::SeqCst);
+        InFlight { dev }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.dev.registering.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Watches made for one registration; undone on drop unless the registration succeeded.
+struct Watches<'a> {
+    sources: &'a [Arc<dyn NotifierSource>],
+    cookie: u64,
+    range: Range,
+    made: usize,
+}
+
+impl Drop for Watches<'_> {
+    fn drop(&mut self) {
+        for s in &self.sources[..self.made] {
+            s.unwatch(self.cookie, self.range);
+        }
+    }
+}
+
+impl Manager {
+    /// The locked path of a pin on one device: slow hit, or registration.
+    pub(super) fn pin_slow(
+        &self,
+        dev: &DeviceSlot,
+        range: &Range,
+        stripe: usize,
+    ) -> Result<EntryRef> {
+        let want = range.align_out(dev.caps.alignment)?;
+        if want.len() > dev.caps.max_registration {
+            return Err(Error::TooLarge {
+                device: dev.id,
+                range: want,
+                max: dev.caps.max_registration,
+            });
+        }
+        let mut locked = Locked::lock(self, dev, true)?;
+        locked.settle();
+        if let Some(e) = Self::find_containing(locked.st(), range) {
+            match e.try_acquire(stripe, range, dev.era(), true) {
+                Ok(()) => return Ok(e),
+                Err(Acquire::Saturated) => {
+                    return Err(Error::TooManyPins {
+                        device: dev.id,
+                        range: *range,
+                    })
+                }
+                Err(Acquire::Refused { .. }) => {} // cannot happen to a live entry under the lock
+            }
+        }
+        self.owner.check_pid()?;
+        dev.counters.misses.fetch_add(1, Ordering::Relaxed);
+        if self.config.check_mapped && !is_mapped(&want) {
+            return Err(Error::Unmapped { range: want });
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.register_and_publish(&mut locked, want, stripe)? {
+                Some(e) => return Ok(e),
+                None if attempts < REGISTER_ATTEMPTS => {
+                    tracing::debug!(device = %dev.id, range = %want, "registration invalidated in flight; retrying");
+                    if self.config.check_mapped && !is_mapped(&want) {
+                        return Err(Error::Unmapped { range: want });
+                    }
+                }
+                None => {
+                    return Err(Error::Unstable {
+                        device: dev.id,
+                        range: want,
+                        attempts,
+                    })
+                }
+            }
+        }
+    }
+
+    /// A live entry containing `range`, searching every live entry that starts at or
+    /// before it (the index only knows the newest entry of each page).
+    fn find_containing(st: &DeviceState, range: &Range) -> Option<EntryRef> {
+        let lo = range.start().saturating_sub(st.max_len);
+        st.live
+            .range((lo, 0)..=(range.start(), u64::MAX))
+            .rev()
+            .map(|(_, e)| *e)
+            .find(|e| {
+                // SAFETY: writer lock held.
+                unsafe { e.writer() }.range.contains(range)
+            })
+    }
+
+    /// Watches, registers and publishes `want` (for a no-overlap device: the union with
+    /// the overlapping entries it absorbs); `Ok(None)` when an invalidation hit the range
+    /// while it was in flight (the registration was undone).
+    fn register_and_publish(
+        &self,
+        locked: &mut Locked<'_>,
+        want: Range,
+        stripe: usize,
+    ) -> Result<Option<EntryRef>> {
+        let dev = locked.dev;
+        let (in_flight, target) = if dev.caps.allows_overlap {
+            (InFlight::begin(dev, locked.st(), want), want)
+        } else {
+            self.make_room_without_overlap(locked, want)?
+        };
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let result = self.watch_and_register(locked, cookie, target);
+        // Events recorded since the watch: drain sources, apply everything recorded.
+        self.sync_sources();
+        self.apply_pending(dev, locked.st());
+        let hit_in_flight = locked.st().inflight.take().is_some_and(|(_, hit)| hit);
+        let translation = result?;
+        if hit_in_flight {
+            drop(in_flight);
+            self.undo_registration(dev, cookie, target, translation);
+            return Ok(None);
+        }
+        let st = locked.st();
+        if st.free.is_empty() {
+            let chunk = Chunk::new(dev.id.index);
+            st.free.extend(chunk.entries().rev());
+            dev.chunks.write().push(chunk);
+        }
+        let entry = st.free.pop().expect("refilled above");
+        // SAFETY: the entry is FREE and unreferenced (fresh, or retired with refs == 0);
+        // writer lock held.
+        unsafe { entry.publish(target, cookie, dev.era(), translation, stripe) };
+        let seq = st.lru_next;
+        st.lru_next += 1;
+        // SAFETY: writer lock held.
+        unsafe { entry.writer() }.lru_seq = seq;
+        st.lru.insert(seq, entry);
+        st.live.insert((target.start(), cookie), entry);
+        st.max_len = st.max_len.max(target.len());
+        let c = &dev.counters;
+        c.registered_bytes
+            .fetch_add(target.len() as u64, Ordering::Relaxed);
+        c.registered_entries.fetch_add(1, Ordering::Relaxed);
+        c.cached_entries.fetch_add(1, Ordering::Relaxed);
+        c.registrations.fetch_add(1, Ordering::Relaxed);
+        // The index is written last: hits may find the entry from here on.
+        dev.index
+            .insert(target.start(), target.end(), entry.to_raw());
+        // Only now: an invalidator that sees no registration in flight sees the index
+        // entry (SeqCst RMW after the Release stores; `record` loads in the other order).
+        drop(in_flight);
+        tracing::debug!(device = %dev.id, range = %target, "registered");
+        self.enforce_limits(dev, st);
+        Ok(Some(entry))
+    }
+
+    /// For devices that refuse overlaps: waits (bounded) until no pinned entry, live or
+    /// stale, overlaps `want`, then marks the registration in flight, deregisters every
+    /// overlapping entry and returns what to register (see [`Manager::absorb`]). Adjacent
+    /// entries are left alone (the device accepts them). The wait releases the lock, so it
+    /// happens before the registration is marked in flight.
+    fn make_room_without_overlap<'l>(
+        &self,
+        locked: &mut Locked<'l>,
+        want: Range,
+    ) -> Result<(InFlight<'l>, Range)> {
+        let dev = locked.dev;
+        let start = Instant::now();
+        loop {
+            self.clean_old_overlapping(dev, locked.st(), &want);
+            locked.settle();
+            let st = locked.st();
+            // A stale entry keeps its registration until its last pin drops; a live one is
+            // held if it has references (probed here, decided by `try_kill` below).
+            let range_of = |e: &EntryRef| {
+                // SAFETY: writer lock held.
+                unsafe { e.writer() }.range
+            };
+            let holder = st
+                .stale
+                .values()
+                .map(range_of)
+                .find(|r| r.overlaps(&want))
+                .or_else(|| {
+                    overlapping(&st.live, st.max_len, &want)
+                        .iter()
+                        .find(|e| e.refs() != 0)
+                        .map(range_of)
+                });
+            if let Some(holder) = holder {
+                let waited = start.elapsed();
+                if waited >= self.config.busy_timeout {
+                    return Err(Error::DeviceRangeBusy {
+                        device: dev.id,
+                        range: want,
+                        holder,
+                        waited,
+                    });
+                }
+                let slice = (self.config.busy_timeout - waited).min(Duration::from_millis(5));
+                let st = locked.st.as_mut().expect("held");
+                dev.released.wait_for(st, slice);
+                continue;
+            }
+            let in_flight = InFlight::begin(dev, st, want);
+            let mut victims = Vec::new();
+            let mut raced = false;
+            for e in overlapping(&st.live, st.max_len, &want) {
+                if e.try_kill() {
+                    victims.push(e);
+                } else {
+                    raced = true; // a hit took it since the check: wait for it
+                    break;
+                }
+            }
+            if raced {
+                for e in victims {
+                    e.set_state(LIVE);
+                }
+                continue;
+            }
+            return Ok((in_flight, self.absorb(dev, st, want, victims)));
+        }
+    }
+
+    /// Deregisters `victims` (killed entries overlapping `want`) and returns the range to
+    /// register: `want` merged with the victims that are still mapped, when that fits the
+    /// backend, else `want` alone.
+    fn absorb(
+        &self,
+        dev: &DeviceSlot,
+        st: &mut DeviceState,
+        want: Range,
+        victims: Vec<EntryRef>,
+    ) -> Range {
+        let ranges: Vec<(EntryRef, Range)> = victims
+            .into_iter()
+            .map(|e| {
+                // SAFETY: writer lock held.
+                (e, unsafe { e.writer() }.range)
+            })
+            .collect();
+        // Everything leaving the index is in flight from here: an invalidation of it is
+        // seen and the registration retried (see `Manager::record`).
+        let leaving = ranges.iter().fold(want, |u, (_, r)| u.union(r));
+        dev.set_inflight(st, leaving);
+        let mut union = want;
+        let mut mapped = Vec::with_capacity(ranges.len());
+        for (_, r) in &ranges {
+            // A neighbour no longer (entirely) mapped although no source said so is stale:
+            // deregister it, do not merge it.
+            let m = !self.config.check_mapped || is_mapped(r);
+            if m {
+                union = union.union(r);
+            }
+            mapped.push(m);
+        }
+        let merge = union.len() <= dev.caps.max_registration;
+        for ((e, r), m) in ranges.into_iter().zip(mapped) {
+            self.unlink_live(dev, st, e);
+            if !m {
+                dev.counters
+                    .invalidated_entries
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(device = %dev.id, range = %r, "unmapped neighbour dropped instead of merged");
+            } else if merge {
+                dev.counters.merges.fetch_add(1, Ordering::Relaxed);
+            }
+            st.doomed.push(e);
+        }
+        self.reap(dev, st);
+        if merge {
+            union
+        } else {
+            want
+        }
+    }
+
+    fn watch_and_register(
+        &self,
+        locked: &mut Locked<'_>,
+        cookie: u64,
+        target: Range,
+    ) -> Result<ErasedTranslation> {
+        let dev = locked.dev;
+        let sources = self.sources.read().clone();
+        let mut watches = Watches {
+            sources: &sources,
+            cookie,
+            range: target,
+            made: 0,
+        };
+        for s in sources.iter() {
+            if let Err(source) = s.watch(cookie, target) {
+                let source_name = s.name().to_string();
+                return Err(match source.downcast::<Uncovered>() {
+                    Ok(u) => Error::Uncovered {
+                        source_name,
+                        range: u.range,
+                        mapping: u.mapping,
+                        operation: u.operation,
+                    },
+                    Err(source) => Error::Watch {
+                        source_name,
+                        range: target,
+                        source,
+                    },
+                });
+            }
+            watches.made += 1;
+        }
+        // Out of pinnable memory: evict least recently used entries until the bytes freed
+        // cover the request, retry, and repeat while anything is left to evict.
+        let result = loop {
+            match dev.backend.register(target) {
+                Err(e) if e.kind == BackendErrorKind::OutOfMemory => {
+                    let freed =
+                        self.evict_lru(dev, locked.st(), |freed| freed >= target.len() as u64);
+                    tracing::debug!(device = %dev.id, range = %target, freed, "out of pinnable memory: evicted least recently used, retrying");
+                    if freed == 0 {
+                        break Err(e);
+                    }
+                }
+                r => break r,
+            }
+        };
+        match result {
+            Ok(t) => {
+                watches.made = 0; // kept: the registration is published or undone later
+                Ok(t)
+            }
+            Err(source) if source.kind == BackendErrorKind::OutOfMemory => {
+                Err(Error::MemlockLimit {
+                    device: dev.id,
+                    range: target,
+                    registered_bytes: dev.counters.registered_bytes.load(Ordering::Relaxed),
+                    memlock_limit: memlock_limit(),
+                    source,
+                })
+            }
+            Err(source) => Err(Error::Backend {
+                device: dev.id,
+                range: target,
+                source,
+            }),
+        }
+    }
+
+    fn undo_registration(
+        &self,
+        dev: &DeviceSlot,
+        cookie: u64,
+        target: Range,
+        translation: ErasedTranslation,
+    ) {
+        dev.counters.registrations.fetch_add(1, Ordering::Relaxed);
+        let sources = self.sources.read().clone();
+        let _unwatch = Watches {
+            sources: &sources,
+            cookie,
+            range: target,
+            made: sources.len(),
+        };
+        self.deregister(dev, target, translation);
+    }
+
+    pub(super) fn deregister(
+        &self,
+        dev: &DeviceSlot,
+        range: Range,
+        translation: ErasedTranslation,
+    ) {
+        dev.counters.deregistrations.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = dev.backend.deregister(range, translation) {
+            dev.counters
+                .deregistration_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(device = %dev.id, %range, error = %e, "deregistration failed");
+        } else {
+            tracing::debug!(device = %dev.id, %range, "deregistered");
+        }
+    }
+}
+
+/// Whether every page of `range` is mapped: `msync(MS_ASYNC)` fails with `ENOMEM` on
+/// unmapped pages and otherwise does nothing for anonymous memory.
+fn is_mapped(range: &Range) -> bool {
+    // SAFETY: msync only inspects the mappings of the range; MS_ASYNC schedules nothing
+    // that touches our memory.
+    unsafe {
+        libc::msync(
+            range.start() as *mut libc::c_void,
+            range.len(),
+            libc::MS_ASYNC,
+        ) == 0
+    }
+}
