@@ -345,3 +345,78 @@ fn install_and_uninstall_race_with_unmapping_threads() {
         assert!(w.join().unwrap() > 1);
     }
 }
+
+/// A sink that blocks the hook until released (to have a hook in flight at a `fork`).
+struct Gate {
+    entered: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicBool,
+}
+
+impl HookSink for Gate {
+    fn invalidate_from_hook(&self, _range: Range) {
+        if self.entered.swap(true, Ordering::SeqCst) {
+            return; // only the first report blocks
+        }
+        while !self.release.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// A fork child only has the forking thread: a hook that was in flight on another thread
+/// of the parent never finishes there. Before the fix the child's uninstall (a fork child
+/// dropping its copy of a manager detaches the source) waited for it forever.
+#[test]
+fn a_fork_child_uninstalls_although_a_parent_thread_was_in_a_hook() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let gate = Arc::new(Gate {
+        entered: false.into(),
+        release: false.into(),
+    });
+    let installed = install(gate.clone()).unwrap();
+    let unmapper = std::thread::spawn(|| {
+        let len = umm::page_size();
+        let p = map(len);
+        // SAFETY: our own mapping; the hook blocks in the gate until released.
+        unsafe { libc::munmap(p, len) };
+    });
+    let g = gate.clone();
+    within("a hook to enter the gate", move || {
+        while !g.entered.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    });
+    // SAFETY: the child only uninstalls (atomics, a yield loop, a free) and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        drop(installed);
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0, "fork failed");
+    let mut status = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        // SAFETY: polls our child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills and reaps our own hung child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    gate.release.store(true, Ordering::SeqCst);
+    unmapper.join().unwrap();
+    drop(installed);
+    assert!(
+        exited,
+        "the fork child's uninstall waited for a parent thread's hook (hung 20 s, killed)"
+    );
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+}
