@@ -247,8 +247,14 @@ pub fn notifiers() -> Vec<Notifier> {
         Notifier {
             name: "interposition",
             setup: |manager| {
-                let source =
-                    umm_interpose::InterposeSource::install(manager).map_err(|e| e.to_string())?;
+                // The demo pins MAP_SHARED file mappings, which strict mode refuses (the
+                // hooks cannot see a hole punch or truncation of the file); the demo never
+                // punches or truncates them, so it accepts that risk.
+                let source = umm_interpose::InterposeSource::install_with(
+                    manager,
+                    umm_interpose::Options::strict(false),
+                )
+                .map_err(|e| e.to_string())?;
                 add_source(manager, source)
             },
             manual: false,

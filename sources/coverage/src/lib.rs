@@ -1,9 +1,13 @@
 //! # umm-coverage: what each notifier source catches, measured
 //!
-//! One table of scenarios (munmap whole/part, mremap move/shrink, `MAP_FIXED` over,
-//! `MADV_DONTNEED`, `free()` of a large malloc block, brk shrink, `shmdt`, fork + COW
-//! break, raw `syscall(SYS_munmap)`) runs through every **column**: a notifier source set
-//! up behind the [`Column`] trait. Each cell runs in its own child process (a scenario can
+//! One table of scenarios (munmap whole/part/from another thread, mremap
+//! move/shrink/`MREMAP_DONTUNMAP`, `MAP_FIXED` over, `MADV_DONTNEED`/`MADV_FREE`/
+//! `MADV_REMOVE`, `free()` of a large malloc block, `free()` + `malloc_trim`, brk shrink,
+//! `shmdt`, `shmat(SHM_REMAP)`, fork + COW break, raw `syscall(SYS_munmap)`,
+//! `fallocate(PUNCH_HOLE)` on shmem and on ext4, `ftruncate` shrink) runs through every
+//! **column**: a notifier source set up behind the [`Column`] trait. A cell is caught,
+//! refused (the source will not watch that memory: a pin fails with a typed error) or
+//! not caught (accepted and silent: a stale registration). Each cell runs in its own child process (a scenario can
 //! hang the process it runs in, e.g. a userfaultfd event nobody reads), under a watchdog
 //! that kills the child and fails the cell instead of hanging ([`harness`]).
 //!
@@ -374,8 +378,9 @@ impl Column for InterposeColumn {
         Ok(())
     }
 
-    fn watch(&self, _range: Range) -> Result<(), String> {
-        Ok(()) // the hooks see every range
+    fn watch(&self, range: Range) -> Result<(), String> {
+        // What `InterposeSource::watch` does in strict mode (the default).
+        umm_interpose::coverage(range).map_err(|e| e.to_string())
     }
 
     fn unwatch(&self, _range: Range) {}

@@ -2,9 +2,11 @@
 //!
 //! Hooks for `munmap`, `mremap`, `madvise` (`MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`,
 //! `MADV_DONTNEED_LOCKED`), `mmap`/`mmap64` with `MAP_FIXED` (an unmap of what was there),
-//! `shmdt`, and shrinking `brk`/`sbrk`. Each hook reports the affected range to the
-//! installed sink **before** calling the real function, found with `dlsym(RTLD_NEXT)`, so
-//! the invalidation is recorded before the pages go away.
+//! `shmdt`, `shmat` with `SHM_REMAP`, shrinking `brk`/`sbrk`, and the heap: `free`,
+//! `realloc`, `reallocarray` (the block, see below) and `malloc_trim` (everything). Each
+//! hook reports the affected range to the installed sink **before** calling the real
+//! function, found with `dlsym(RTLD_NEXT)`, so the invalidation is recorded before the
+//! pages go away.
 //!
 //! ## Two ways to get the hooks in
 //!
@@ -34,20 +36,57 @@
 //! * **Real functions** are resolved once by a constructor (`.init_array`) at load time,
 //!   never in the hook path (`dlsym` may allocate); a hook running before that falls back
 //!   to the raw system call (`brk`/`sbrk`, which glibc emulates, fail with `ENOMEM`).
-//! * [`Installation`]'s drop clears the sink and waits until no hook is still using it
-//!   before the sink is released.
+//! * [`Installation`]'s drop clears the sink and waits until no hook of another thread is
+//!   still using it before the sink is released (a fork child forgets the hooks that were
+//!   running on the parent's other threads).
 //!
-//! ## What interposition cannot see (the coverage matrix in `docs/coverage-matrix.md`)
+//! ## The heap
 //!
-//! glibc's `free()`, `realloc()`, `malloc_trim()` and its automatic heap trimming call the
-//! internal `__munmap`/`__mremap`/`__madvise`/`__brk`, which no interposed symbol sees, so
-//! **freeing a large malloc block is not caught**. We deliberately do not hook `free`:
-//! doing so would put a lookup on every `free` of the process and still miss the trim
-//! paths. Raw `syscall(SYS_munmap, ...)`, statically linked programs, and memory changes
-//! made by the kernel (fork COW break, page migration) are not seen either. Use the
-//! userfaultfd source (`umm-uffd`) or the kernel module for those, or call
+//! glibc's `free()`, `realloc()`, `malloc_trim()` and its automatic heap trimming give
+//! memory back with the internal `__munmap`/`__mremap`/`__madvise`/`__brk`, which no
+//! interposed symbol sees. So the `free`/`realloc`/`reallocarray` hooks report, before
+//! the real call, what the block can give back: a block with its own mapping (above the
+//! mmap threshold) whole, a block of an arena its whole pages (a later trim can give those
+//! back only after the block was freed, i.e. reported). `malloc_trim` reports the whole
+//! address space (it is rare and explicit). glibc routes its own internal frees through
+//! the interposable `free` too. Allocation-free: the hook reads glibc's chunk header (or
+//! calls `malloc_usable_size` of another allocator, and then reports the block's pages
+//! rounded out).
+//!
+//! The remaining gap: a registration of a heap block that has no whole page of its own
+//! (a block of less than two pages) shares its pages with other blocks; the hooks do not
+//! report those shared pages (a report on every free of a neighbour would invalidate live
+//! registrations all the time), so if all blocks on such a page are freed and glibc trims
+//! it later, the registration is stale. Register page-aligned buffers (`mmap`,
+//! `posix_memalign` with whole pages), or use the kernel module.
+//!
+//! ## Strict mode, and what interposition cannot see
+//!
+//! A hole punch (`fallocate(FALLOC_FL_PUNCH_HOLE)`) or truncation (`ftruncate`) of a
+//! mapped file or memfd replaces its pages without any call the hooks could see. In
+//! strict mode (the default, [`Options`]) [`InterposeSource`]'s `watch` refuses such
+//! memory with [`umm::Uncovered`] (the pin fails with [`umm::Error::Uncovered`], naming
+//! the mapping and the operation): file and shmem mappings, `MAP_SHARED` or `MAP_PRIVATE`
+//! (a punch also drops a private mapping's not yet copied pages). Anonymous memory,
+//! shared anonymous memory and SysV shm (no descriptor to punch or truncate; `shmdt`,
+//! `shmat(SHM_REMAP)` and `madvise` are hooked) are accepted. `Options::strict(false)`
+//! accepts everything, for applications that never punch or truncate files they map.
+//! Classification reads `/proc/self/maps` on the watch path (a cache miss only).
+//!
+//! Not seen at all, whatever the memory: raw `syscall(SYS_munmap, ...)` and statically
+//! linked programs (they bypass every symbol), and changes made by the kernel (fork COW
+//! break, page migration); the same operations made by another process sharing the
+//! memory. Use the kernel module (or userfaultfd for the raw system calls), or call
 //! [`umm::Manager::invalidate`] yourself (the **manual source**: an application that
 //! knows it is about to unmap or reuse memory tells the manager directly).
+//!
+//! ## One manager per process
+//!
+//! The hooks have one sink per process: [`install`] refuses a second one, and an
+//! [`InterposeSource`] serves only the manager it was installed for (`add_source` on
+//! any other fails with [`AttachError`]). The hooks call the manager without owning it:
+//! `Manager::drop` first detaches the source, which uninstalls the hooks and waits for
+//! those running on other threads, so the manager is never dropped on a hook's stack.
 //!
 //! ## Example
 //!
@@ -87,7 +126,7 @@ pub mod real;
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use umm::Range;
@@ -108,16 +147,28 @@ impl HookSink for umm::Manager {
     }
 }
 
-/// The sink of an [`InterposeSource`]: reaches the manager without keeping it alive.
+/// The sink of an [`InterposeSource`]: calls the manager without owning it.
 ///
-/// While the manager is being dropped the upgrade fails and the hook passes through (the
-/// manager is deregistering everything anyway). The upgrade is one atomic
-/// compare-and-swap: no allocation, no lock.
-struct WeakManager(std::sync::Weak<umm::Manager>);
+/// A hook must never own the manager: if it held the last strong reference,
+/// `Manager::drop` would run on the hook's stack (and its uninstall would wait for the
+/// hook it runs in). So the sink keeps a `Weak` (the allocation only, never upgraded) and
+/// a `live` flag: set by [`umm::NotifierSource::attach`], cleared by
+/// [`umm::NotifierSource::detach`], which `Manager::drop` calls first, while the manager is
+/// whole; detach then uninstalls and waits for the hooks in flight on other threads, so no
+/// hook reaches the manager once its drop goes on.
+struct ManagerSink {
+    manager: std::sync::Weak<umm::Manager>,
+    live: AtomicBool,
+}
 
-impl HookSink for WeakManager {
+impl HookSink for ManagerSink {
     fn invalidate_from_hook(&self, range: Range) {
-        if let Some(manager) = self.0.upgrade() {
+        if self.live.load(Ordering::Acquire) {
+            // SAFETY: `live` is set only between attach and detach of this manager, and
+            // `Manager::drop` calls detach (which clears `live` and waits for every hook
+            // in flight, this one included, see `InterposeSource::detach`) before it
+            // drops anything: the manager is whole here. The `Weak` keeps the allocation.
+            let manager = unsafe { &*self.manager.as_ptr() };
             manager.invalidate_deferred(range);
         }
     }
@@ -185,8 +236,12 @@ pub unsafe fn set_raw_sink(sink: Option<(RawSink, *const c_void)>) -> bool {
         Some((sink, ctx)) => Box::into_raw(Box::new(Slot { sink, ctx })),
         None => std::ptr::null_mut(),
     };
+    register_atfork();
     let old = SLOT.swap(new, Ordering::SeqCst);
-    while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+    // A hook of this very thread (a sink that uninstalls) is counted too: wait only for
+    // the hooks of the other threads.
+    let own = usize::from(IN_HOOK.try_with(Cell::get).unwrap_or(false));
+    while IN_FLIGHT.load(Ordering::SeqCst) > own {
         std::thread::yield_now();
     }
     if old.is_null() {
@@ -196,6 +251,27 @@ pub unsafe fn set_raw_sink(sink: Option<(RawSink, *const c_void)>) -> bool {
     // still hold it: it is unpublished and IN_FLIGHT was 0 after the swap.
     drop(unsafe { Box::from_raw(old) });
     true
+}
+
+/// In a fork child only the forking thread exists: hooks that were in flight on the
+/// parent's other threads never finish there, so the child's count starts again at 0
+/// (else a child that uninstalls, e.g. by dropping its copy of a manager, would wait
+/// forever).
+fn register_atfork() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn child() {
+        IN_FLIGHT.store(0, Ordering::SeqCst);
+    }
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(child)) };
+    });
+}
+
+/// Whether this copy of the crate has a sink installed (hooks with a costly lookup, e.g.
+/// `free`'s usable size, skip it when not).
+pub(crate) fn sink_installed() -> bool {
+    !SLOT.load(Ordering::Relaxed).is_null()
 }
 
 /// The C entry point [`export_hooks!`] exports as `umm_interpose_set_sink`, so an
@@ -309,27 +385,108 @@ impl Drop for Installation {
     }
 }
 
+/// Options of an [`InterposeSource`].
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Options {
+    /// Refuse ([`umm::Uncovered`]) to watch memory that operations invisible to the hooks
+    /// can change: file and shmem mappings (`MAP_SHARED` or `MAP_PRIVATE` of a file, a
+    /// memfd, `/dev/shm`), whose pages `fallocate(PUNCH_HOLE)` or `ftruncate` of the file
+    /// replace without any `munmap`. Default: on. Off, such memory is watched anyway and
+    /// a hole punch or truncation leaves a stale registration (the caller accepts that
+    /// risk, e.g. because it never punches or truncates files it maps).
+    pub strict: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { strict: true }
+    }
+}
+
+impl Options {
+    /// The default options with `strict` set to `strict`.
+    pub fn strict(strict: bool) -> Options {
+        Options { strict }
+    }
+}
+
+/// Why an [`InterposeSource`] refused a manager in [`umm::NotifierSource::attach`] (the
+/// manager fails `add_source` with [`umm::Error::Source`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// The source was installed for another manager: the hooks of a process have one
+    /// sink, so one manager per process uses interposition.
+    #[error("this interposition source was installed for {installed_for}, not {attaching}; the hooks serve one manager per process")]
+    OtherManager {
+        /// The manager given to [`InterposeSource::install`].
+        installed_for: umm::ManagerId,
+        /// The manager that tried to add it.
+        attaching: umm::ManagerId,
+    },
+    /// The source was already added to its manager (or detached from it: a detached
+    /// source has uninstalled its hooks for good).
+    #[error("this interposition source was already added to {manager} (sources are added once)")]
+    AlreadyAttached {
+        /// Its manager.
+        manager: umm::ManagerId,
+    },
+}
+
+const IDLE: u8 = 0;
+const ATTACHED: u8 = 1;
+const DETACHED: u8 = 2;
+
 /// The interposition source as a [`umm::NotifierSource`], for the manager's list of
-/// sources. The hooks see every range, so `watch` and `unwatch` only count; delivery goes
-/// through the [`Installation`] it holds.
+/// sources. Delivery goes from the hooks straight to the manager (without owning it);
+/// `watch` classifies the memory (strict mode) and counts.
+///
+/// One manager per process: the hooks have one sink, [`install`] refuses a second
+/// installation ([`InstallError::AlreadyInstalled`]) and `attach` refuses any manager but
+/// the one the source was installed for ([`AttachError`]). Dropping the manager detaches
+/// the source: the hooks are uninstalled before the manager is torn down.
 pub struct InterposeSource {
-    _installation: Installation,
+    installation: std::sync::Mutex<Option<Installation>>,
+    sink: Arc<ManagerSink>,
+    target: umm::ManagerId,
+    state: AtomicU8,
+    options: Options,
     watches: AtomicUsize,
 }
 
 impl InterposeSource {
-    /// Installs `manager` as the hooks' sink and returns the source to add to it:
-    /// `manager.add_source(InterposeSource::install(&manager)?)`. Fails with
+    /// Installs the hooks for `manager` and returns the source to add to it (strict mode,
+    /// see [`Options`]): `manager.add_source(InterposeSource::install(&manager)?)`. The
+    /// hooks reach the manager only once it has added the source. Fails with
     /// [`InstallError::NoHooks`] when no hooks exist in this process (see
-    /// [`hooks_present`]).
+    /// [`hooks_present`]) and [`InstallError::AlreadyInstalled`] when another sink is
+    /// installed (another manager's source, or an [`Installation`]).
     pub fn install(manager: &Arc<umm::Manager>) -> Result<Arc<InterposeSource>, InstallError> {
+        InterposeSource::install_with(manager, Options::default())
+    }
+
+    /// [`InterposeSource::install`] with `options`.
+    pub fn install_with(
+        manager: &Arc<umm::Manager>,
+        options: Options,
+    ) -> Result<Arc<InterposeSource>, InstallError> {
         if !hooks_present() {
             return Err(InstallError::NoHooks);
         }
+        let sink = Arc::new(ManagerSink {
+            // Weak: the manager owns this source once added; a strong reference here would
+            // be a cycle. Never upgraded (see `ManagerSink`).
+            manager: Arc::downgrade(manager),
+            live: AtomicBool::new(false),
+        });
+        let installation = install(sink.clone())?;
         Ok(Arc::new(InterposeSource {
-            // Weak: the manager owns this source once added, so a strong reference here
-            // would be a cycle that keeps both (and the installed hooks) alive forever.
-            _installation: install(Arc::new(WeakManager(Arc::downgrade(manager))))?,
+            installation: std::sync::Mutex::new(Some(installation)),
+            sink,
+            target: manager.id(),
+            state: AtomicU8::new(IDLE),
+            options,
             watches: AtomicUsize::new(0),
         }))
     }
@@ -338,6 +495,26 @@ impl InterposeSource {
     pub fn watches(&self) -> usize {
         self.watches.load(Ordering::Relaxed)
     }
+
+    /// The options it was installed with.
+    pub fn options(&self) -> Options {
+        self.options
+    }
+}
+
+/// Whether the hooks can cover `range`: `Err` names a mapping in it whose pages can be
+/// replaced by an operation no hook sees (see [`Options::strict`]). Reads
+/// `/proc/self/maps` (allocates: not for the hook path). Ranges that are not mapped
+/// (partly or at all) are not refused here; registering them fails in the backend.
+pub fn coverage(range: Range) -> Result<(), umm::Uncovered> {
+    match maps::classify(range.start(), range.end()) {
+        Some(mapping) => Err(umm::Uncovered {
+            range,
+            mapping,
+            operation: "fallocate(PUNCH_HOLE) or ftruncate of the file",
+        }),
+        None => Ok(()),
+    }
 }
 
 impl umm::NotifierSource for InterposeSource {
@@ -345,11 +522,52 @@ impl umm::NotifierSource for InterposeSource {
         "interpose"
     }
 
+    fn attach(
+        &self,
+        manager: umm::ManagerId,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if manager != self.target {
+            return Err(Box::new(AttachError::OtherManager {
+                installed_for: self.target,
+                attaching: manager,
+            }));
+        }
+        if self
+            .state
+            .compare_exchange(IDLE, ATTACHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Box::new(AttachError::AlreadyAttached { manager }));
+        }
+        self.sink.live.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn detach(&self, manager: umm::ManagerId) {
+        if manager != self.target {
+            return;
+        }
+        self.state.store(DETACHED, Ordering::Release);
+        self.sink.live.store(false, Ordering::Release);
+        // Uninstall: waits until no hook of another thread still runs the sink (one that
+        // loaded `live` before the store above may still be calling the manager).
+        let installation = self
+            .installation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(installation);
+        tracing::debug!(%manager, "interposition source detached, hooks uninstalled");
+    }
+
     fn watch(
         &self,
         _cookie: u64,
-        _range: Range,
+        range: Range,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.options.strict {
+            coverage(range)?;
+        }
         self.watches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -360,7 +578,7 @@ impl umm::NotifierSource for InterposeSource {
 }
 
 /// Defines the hook symbols (`munmap`, `mmap`, `mmap64`, `mremap`, `madvise`, `shmdt`,
-/// `brk`, `sbrk`), the `umm_interpose_set_sink` entry point and a load-time constructor
+/// `shmat`, `brk`, `sbrk`, `free`, `realloc`, `reallocarray`, `malloc_trim`), the `umm_interpose_set_sink` entry point and a load-time constructor
 /// that resolves the real functions, in the crate that invokes it: once in a binary for
 /// the in-process mode, or in a `cdylib` (that is `umm-preload`).
 ///
@@ -455,6 +673,67 @@ macro_rules! export_hooks {
         ) -> $crate::__libc::c_int {
             // SAFETY: forwarded contract.
             unsafe { $crate::hooks::shmdt(addr) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::shmat`.
+        ///
+        /// # Safety
+        /// As `shmat(2)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn shmat(
+            shmid: $crate::__libc::c_int,
+            addr: *const $crate::__libc::c_void,
+            flags: $crate::__libc::c_int,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::shmat(shmid, addr, flags) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::free`.
+        ///
+        /// # Safety
+        /// As `free(3)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn free(ptr: *mut $crate::__libc::c_void) {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::free(ptr) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::realloc`.
+        ///
+        /// # Safety
+        /// As `realloc(3)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn realloc(
+            ptr: *mut $crate::__libc::c_void,
+            size: $crate::__libc::size_t,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::realloc(ptr, size) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::reallocarray`.
+        ///
+        /// # Safety
+        /// As `reallocarray(3)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn reallocarray(
+            ptr: *mut $crate::__libc::c_void,
+            nmemb: $crate::__libc::size_t,
+            size: $crate::__libc::size_t,
+        ) -> *mut $crate::__libc::c_void {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::reallocarray(ptr, nmemb, size) }
+        }
+
+        /// Hook: see `umm_interpose::hooks::malloc_trim`.
+        ///
+        /// # Safety
+        /// As `malloc_trim(3)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn malloc_trim(pad: $crate::__libc::size_t) -> $crate::__libc::c_int {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::hooks::malloc_trim(pad) }
         }
 
         /// Hook: see `umm_interpose::hooks::brk`.

@@ -1,5 +1,5 @@
-//! Allocation-free lookup of a mapping's extent in `/proc/self/maps` (for `shmdt`, which
-//! takes only the address).
+//! `/proc/self/maps`: the allocation-free extent lookup of `shmdt` (which takes only the
+//! address), and the classification of a range for strict mode (watch path, allocates).
 
 /// The end of the mapping that starts at `addr` (extended over directly following lines
 /// of the same inode, i.e. the same segment split by `mprotect`), or `None`.
@@ -56,6 +56,32 @@ pub(crate) fn extent_of(addr: usize) -> Option<usize> {
     result.or(found.map(|(end, _)| end))
 }
 
+/// The first mapping overlapping `[start, end)` whose pages an operation on a file can
+/// replace without unmapping them (hole punch, truncation), described for
+/// [`umm::Uncovered::mapping`]; `None` when every overlapping mapping is anonymous,
+/// shared anonymous (`/dev/zero`), SysV shm (no descriptor to punch or truncate;
+/// `shmdt` and `shmat(SHM_REMAP)` are hooked) or a kernel special mapping.
+pub(crate) fn classify(start: usize, end: usize) -> Option<&'static str> {
+    let text = std::fs::read("/proc/self/maps").ok()?;
+    text.split(|&b| b == b'\n').find_map(|line| {
+        let (lo, hi, inode) = parse(line)?;
+        if hi <= start || lo >= end || inode == 0 {
+            return None;
+        }
+        let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+        let shared = fields.nth(1)?.get(3) == Some(&b's');
+        let path = fields.nth(3).unwrap_or(b"");
+        if path.starts_with(b"/SYSV") || path.starts_with(b"/dev/zero") || path.starts_with(b"[") {
+            return None;
+        }
+        Some(if shared {
+            "a MAP_SHARED file or shmem mapping"
+        } else {
+            "a MAP_PRIVATE file mapping"
+        })
+    })
+}
+
 fn hex(s: &[u8]) -> Option<usize> {
     let mut v = 0usize;
     if s.is_empty() {
@@ -91,6 +117,38 @@ mod tests {
             Some((0x7f00a000, 0x7f00c000, 98317))
         );
         assert_eq!(parse(b"garbage"), None);
+    }
+
+    fn map(flags: i32, fd: i32, len: usize) -> *mut libc::c_void {
+        // SAFETY: a fresh mapping, unmapped by the caller.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        p
+    }
+
+    #[test]
+    fn classifies_what_a_file_operation_can_change() {
+        let len = 2 * umm::page_size();
+        let anon = map(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, len);
+        let shared_anon = map(libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, len);
+        // SAFETY: a memfd of `len` bytes, closed below.
+        let fd = unsafe { libc::memfd_create(c"classify".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: sizes our memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+        let memfd = map(libc::MAP_SHARED, fd, len);
+        let private_file = map(libc::MAP_PRIVATE, fd, len);
+        let at = |p: *mut libc::c_void| classify(p as usize, p as usize + len);
+        assert_eq!(at(anon), None);
+        assert_eq!(at(shared_anon), None);
+        assert_eq!(at(memfd), Some("a MAP_SHARED file or shmem mapping"));
+        assert_eq!(at(private_file), Some("a MAP_PRIVATE file mapping"));
+        // SAFETY: our mappings and descriptor.
+        unsafe {
+            for p in [anon, shared_anon, memfd, private_file] {
+                libc::munmap(p, len);
+            }
+            libc::close(fd);
+        }
     }
 
     #[test]

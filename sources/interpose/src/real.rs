@@ -6,7 +6,7 @@
 //! back to the raw system call.
 
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// `munmap` behind the hooks (0 = not resolved).
 pub static MUNMAP: AtomicUsize = AtomicUsize::new(0);
@@ -20,10 +20,30 @@ pub static MREMAP: AtomicUsize = AtomicUsize::new(0);
 pub static MADVISE: AtomicUsize = AtomicUsize::new(0);
 /// `shmdt`.
 pub static SHMDT: AtomicUsize = AtomicUsize::new(0);
+/// `shmat`.
+pub static SHMAT: AtomicUsize = AtomicUsize::new(0);
+/// `free`.
+pub static FREE: AtomicUsize = AtomicUsize::new(0);
+/// `realloc`.
+pub static REALLOC: AtomicUsize = AtomicUsize::new(0);
+/// `reallocarray`.
+pub static REALLOCARRAY: AtomicUsize = AtomicUsize::new(0);
+/// `malloc_trim`.
+pub static MALLOC_TRIM: AtomicUsize = AtomicUsize::new(0);
+/// `malloc_usable_size` of the allocator behind the hooks (to size a block being freed).
+pub static MALLOC_USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
 /// `brk`.
 pub static BRK: AtomicUsize = AtomicUsize::new(0);
 /// `sbrk`.
 pub static SBRK: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the process's `malloc` is glibc's (its chunk layout can be read by the `free`
+/// hook). Set by [`resolve`]; assumed until then (the hooks then call glibc's functions).
+pub static GLIBC_HEAP: AtomicBool = AtomicBool::new(true);
+
+unsafe extern "C" {
+    fn __libc_malloc(size: libc::size_t) -> *mut c_void;
+}
 
 fn next(name: &CStr) -> usize {
     // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT searches the objects loaded
@@ -34,6 +54,13 @@ fn next(name: &CStr) -> usize {
 /// Resolves every real function not resolved yet. Not for the hook path (`dlsym` may
 /// allocate).
 pub fn resolve() {
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope
+    // (the hooks define no malloc: this is the allocator's).
+    let malloc = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
+    GLIBC_HEAP.store(
+        malloc == __libc_malloc as *const () as usize,
+        Ordering::Release,
+    );
     for (slot, name) in [
         (&MUNMAP, c"munmap"),
         (&MMAP, c"mmap"),
@@ -41,6 +68,12 @@ pub fn resolve() {
         (&MREMAP, c"mremap"),
         (&MADVISE, c"madvise"),
         (&SHMDT, c"shmdt"),
+        (&SHMAT, c"shmat"),
+        (&FREE, c"free"),
+        (&REALLOC, c"realloc"),
+        (&REALLOCARRAY, c"reallocarray"),
+        (&MALLOC_TRIM, c"malloc_trim"),
+        (&MALLOC_USABLE_SIZE, c"malloc_usable_size"),
         (&BRK, c"brk"),
         (&SBRK, c"sbrk"),
     ] {

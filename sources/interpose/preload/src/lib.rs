@@ -1,7 +1,8 @@
 //! # umm-preload: the umm interposition hooks as an `LD_PRELOAD` library
 //!
 //! `libumm_preload.so` exports `munmap`, `mmap`, `mmap64`, `mremap`, `madvise`, `shmdt`,
-//! `brk`, `sbrk` and `umm_interpose_set_sink` (see [`umm_interpose`]). Each hook reports
+//! `shmat`, `brk`, `sbrk`, `free`, `realloc`, `reallocarray`, `malloc_trim` and
+//! `umm_interpose_set_sink` (see [`umm_interpose`]). Each hook reports
 //! the affected range to the manager installed with `umm_interpose::install` (which finds
 //! this library through `dlsym(RTLD_DEFAULT, "umm_interpose_set_sink")`) and then calls
 //! the next definition (`dlsym(RTLD_NEXT)`: libc, or another interposer loaded after it).
