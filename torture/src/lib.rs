@@ -383,7 +383,7 @@ impl Dropper {
             return false;
         };
         let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             true
         } else {
