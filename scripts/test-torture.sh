@@ -8,11 +8,14 @@
 # control, every operation), userfaultfd, interposition (in-process hooks) and the two
 # combined; then the planted-bug runs, which must FAIL: every source with a wrapper that
 # drops every 7th invalidation, and a manager with no source at all.
-# Guest (about 3 minutes; qemu TCG through scripts/vm): builds kmod-notifier, loads it and
+# Guest (about 4 minutes; qemu TCG through scripts/vm): builds kmod-notifier, loads it and
 # runs the kernel-module source (every operation, also fork COW breaks, hole punching,
-# truncation, shmat(SHM_REMAP)) and the combined sources, UMM_TORTURE_GUEST_OPS operations
-# each (default 100000), a planted kernel-module run that must fail, then checks balance
-# in the kernel: module refcount 0, rmmod succeeds, the kernel log shows no BUG/WARNING/Oops.
+# truncation, shmat(SHM_REMAP)), the combined sources, and the kernel module with pins on
+# Soft-RoCE rxe0 whose bytes are RDMA-written to rxe1 and compared, UMM_TORTURE_GUEST_SECS
+# seconds each (default 50; TCG does about 200 operations a second, so 10^5 operations per
+# source need --soak 500), a planted kernel-module run that must fail, then checks balance
+# in the kernel: no MR left (checked by the RDMA run), module refcount 0, rmmod succeeds,
+# the kernel log shows no BUG/WARNING/Oops.
 # --soak SECS runs every source for SECS seconds each instead of a fixed operation count.
 #
 # Prints the operations and invalidations per source and a final `N passed, N failed`;
@@ -46,18 +49,24 @@ budget() {
 # ---- inside the guest ------------------------------------------------------------------------
 if [ "${1:-}" = "--in-guest" ]; then
     bin="$2" soak="${3:-}"
-    ops="${UMM_TORTURE_GUEST_OPS:-100000}"
+    secs="${soak:-${UMM_TORTURE_GUEST_SECS:-50}}"
     dmesg -C || true
     if ! insmod kmod-notifier/umm_notify.ko; then
         echo "insmod kmod-notifier/umm_notify.ko failed"
         echo "0 passed, 1 failed"
         exit 1
     fi
-    # shellcheck disable=SC2046
-    run "kernel module" --source kmod --require --threads 2 $(budget "$ops")
-    # shellcheck disable=SC2046
-    run "combined (kernel module, userfaultfd, interposition)" --source combined --require --threads 2 $(budget "$((ops / 2))")
-    run "planted: kernel-module events dropped" --source kmod --plant drop-every=7 --expect-failure --threads 2 --ops 100000
+    # TCG runs about 200 operations a second: these runs are bounded by time and print
+    # their operation counts.
+    run "kernel module" --source kmod --require --threads 2 --duration "$secs"
+    run "combined (kernel module, userfaultfd, interposition)" --source combined --require --threads 2 --duration "$secs"
+    if scripts/rxe-setup.sh >/dev/null; then
+        run "kernel module + RDMA WRITE on Soft-RoCE" --source kmod --rdma --require --threads 2 --duration "$secs"
+    else
+        echo "!!! Soft-RoCE setup failed: the RDMA run cannot run"
+        failed=$((failed + 1))
+    fi
+    run "planted: kernel-module events dropped" --source kmod --plant drop-every=7 --expect-failure --threads 2 --duration "$secs"
     echo "=== kernel balance"
     refcnt="$(cat /sys/module/umm_notify/refcnt)"
     if [ "$refcnt" = 0 ]; then echo "module refcount 0"; passed=$((passed + 1)); else
@@ -120,7 +129,7 @@ if [ "$guest" = 1 ]; then
         out="$(mktemp -d "$target/torture-vm.XXXXXX")"
         trap 'rm -rf "$out"' EXIT
         t1=$(date +%s)
-        timeout=$(( ${soak:-0} * 3 + 900 ))
+        timeout=$(( ${soak:-${UMM_TORTURE_GUEST_SECS:-50}} * 4 + 400 ))
         set +e
         scripts/vm --timeout "$timeout" --out "$out" -- "$repo/scripts/test-torture.sh" --in-guest "$bin" "$soak" 2>&1 | tee "$out/console.log"
         set -e

@@ -76,6 +76,11 @@ pub struct Options {
     pub heap_slots: usize,
     /// The operations to run (None: [`default_ops`] of the source).
     pub op_set: Option<Vec<OpKind>>,
+    /// Also pin on Soft-RoCE `rxe0` (one pin in four) and RDMA WRITE the pinned pages to a
+    /// buffer registered on `rxe1`: the bytes that arrive must be the pages' current tags.
+    /// Needs both devices (scripts/rxe-setup.sh in the guest); without them the run is a
+    /// setup error.
+    pub rdma: bool,
     /// A planted bug: drop every Nth invalidation between the source and the manager (for
     /// the manual source: skip every Nth `Manager::invalidate` call).
     pub drop_every: Option<u64>,
@@ -92,6 +97,7 @@ impl Default for Options {
             slots: 48,
             heap_slots: 16,
             op_set: None,
+            rdma: false,
             drop_every: None,
         }
     }
@@ -187,6 +193,10 @@ pub struct Report {
     pub dropped: u64,
     /// `Manager::invalidate` calls made by the driver (manual source).
     pub manual_invalidations: u64,
+    /// RDMA WRITEs whose bytes were compared with the pages' tags (0 without `rdma`).
+    pub rdma_writes: u64,
+    /// Time spent per operation kind, in microseconds (all workers together).
+    pub micros: BTreeMap<OpKind, u64>,
     /// Frames replaced by a COW break after a fork, not invalidated, excused (see
     /// `Ctx::cow_excused`; never excused with the kernel module).
     pub cow_frames: u64,
@@ -227,6 +237,9 @@ impl fmt::Display for Report {
             self.source_stats,
             self.rss_growth_kib
         )?;
+        if self.rdma_writes > 0 {
+            writeln!(f, "RDMA WRITEs checked on the wire: {}", self.rdma_writes)?;
+        }
         let ops: Vec<String> = self
             .per_op
             .iter()
@@ -237,6 +250,9 @@ impl fmt::Display for Report {
                 }
                 if *s > 0 {
                     t += &format!(" (nothing to do {s})");
+                }
+                if let Some(us) = self.micros.get(k) {
+                    t += &format!(" [{} ms]", us / 1000);
                 }
                 t
             })
@@ -502,6 +518,85 @@ struct Ctx<'m> {
     /// (the source sees COW breaks: the kernel module).
     cow_caught: bool,
     cow_frames: AtomicU64,
+    micros: Vec<AtomicU64>,
+    rdma: Option<Wire>,
+    rdma_writes: AtomicU64,
+}
+
+/// The RDMA end-to-end check: `rxe0` attached to the manager, a peer buffer on `rxe1`.
+struct Wire {
+    dev: Device<umm_rdma::RdmaBackend>,
+    link: Mutex<Link>,
+}
+
+struct Link {
+    qp: umm_rdma::transport::RcQp,
+    _peer_qp: umm_rdma::transport::RcQp,
+    peer_backend: umm_rdma::RdmaBackend,
+    peer_mr: Option<umm_rdma::MrTranslation>,
+    peer_buf: usize,
+    peer_len: usize,
+}
+
+impl Link {
+    fn open(
+        manager: &Manager,
+    ) -> Result<(Device<umm_rdma::RdmaBackend>, Link), Box<dyn std::error::Error>> {
+        use umm::Backend;
+        use umm_rdma::{Access, DeviceSelector, RdmaBackend, RdmaDevice};
+        let rxe0 = RdmaDevice::open(&DeviceSelector::Name("rxe0".into()))?;
+        let rxe1 = RdmaDevice::open(&DeviceSelector::Name("rxe1".into()))?;
+        let dev = manager.attach(RdmaBackend::new(rxe0.clone(), Access::LOCAL_READ))?;
+        let (qp, peer_qp) = umm_rdma::transport::connect_pair(&rxe0, &rxe1, 0)?;
+        let peer_len = MAX_RUN * umm::page_size();
+        // SAFETY: a fresh private mapping for the peer's buffer, unmapped in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                peer_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let peer_backend = RdmaBackend::new(rxe1, Access::REMOTE_RW);
+        let range = Range::new(p as usize, peer_len)?;
+        let peer_mr = match peer_backend.register(range) {
+            Ok(mr) => mr,
+            Err(e) => {
+                // SAFETY: our mapping from above.
+                unsafe { libc::munmap(p, peer_len) };
+                return Err(e.into());
+            }
+        };
+        Ok((
+            dev,
+            Link {
+                qp,
+                _peer_qp: peer_qp,
+                peer_backend,
+                peer_mr: Some(peer_mr),
+                peer_buf: p as usize,
+                peer_len,
+            },
+        ))
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        use umm::Backend;
+        if let Some(mr) = self.peer_mr.take() {
+            let range = Range::new(self.peer_buf, self.peer_len).expect("valid");
+            let _ = self.peer_backend.deregister(range, mr);
+        }
+        // SAFETY: the peer buffer mapped in `open`; its MR is gone.
+        unsafe { libc::munmap(self.peer_buf as *mut libc::c_void, self.peer_len) };
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -531,6 +626,9 @@ impl<'m> Ctx<'m> {
             "umm-torture --source {} --seed {} --threads 1 --ops {} --slots {}",
             o.source, o.seed, o.ops, o.slots
         );
+        if o.rdma {
+            s += " --rdma";
+        }
         if let Some(n) = o.drop_every {
             s += &format!(" --plant drop-every={n}");
         }
@@ -670,6 +768,12 @@ impl<'m> Ctx<'m> {
     }
 
     fn step(&self, tid: usize, op: OpKind, rng: &mut Rng, held: &mut Vec<Pin<'m>>) {
+        let t0 = Instant::now();
+        self.step_inner(tid, op, rng, held);
+        self.micros[op.index()].fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn step_inner(&self, tid: usize, op: OpKind, rng: &mut Rng, held: &mut Vec<Pin<'m>>) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         match op {
             OpKind::HeapMalloc | OpKind::HeapFree | OpKind::HeapPin => {
@@ -708,11 +812,66 @@ impl<'m> Ctx<'m> {
     }
 
     fn devices(&self, rng: &mut Rng) -> (Vec<umm::DeviceId>, &'static str) {
+        if let Some(w) = &self.rdma {
+            if rng.one_in(4) {
+                return if rng.one_in(2) {
+                    (vec![w.dev.id()], "rxe0")
+                } else {
+                    (
+                        vec![w.dev.id(), self.nic.id(), self.gpu.id()],
+                        "rxe0+nic+gpu",
+                    )
+                };
+            }
+        }
         match rng.below(4) {
             0 => (vec![self.nic.id()], "nic"),
             1 => (vec![self.gpu.id()], "gpu"),
             _ => (vec![self.nic.id(), self.gpu.id()], "nic+gpu"),
         }
+    }
+
+    /// RDMA WRITE of the pinned pages through the pin's `rxe0` translation to the peer;
+    /// the bytes that arrive must be the pages' current tags.
+    fn check_wire(&self, s: &Slot, pin: &Pin<'_>, a: usize, b: usize) -> Result<(), String> {
+        let Some(w) = &self.rdma else {
+            return Ok(());
+        };
+        let Some(mr) = pin.translation(w.dev) else {
+            return Ok(());
+        };
+        let page = self.page();
+        let mut link = lock(&w.link);
+        let link = &mut *link;
+        let Some(peer_mr) = &link.peer_mr else {
+            return Ok(());
+        };
+        // SAFETY: the peer buffer is ours and no reference to it is alive; clearing it
+        // makes bytes that did not arrive show as zeros.
+        unsafe { std::ptr::write_bytes(link.peer_buf as *mut u8, 0, link.peer_len) };
+        let len = ((b - a) * page) as u32;
+        let local = umm_rdma::transport::Local::new(mr, s.addr(a), len);
+        let remote = umm_rdma::transport::Remote::new(peer_mr, link.peer_buf);
+        link.qp
+            .write(local, remote)
+            .map_err(|e| format!("RDMA WRITE through rxe0 failed: {e}"))?;
+        for i in a..b {
+            let Page::Mapped { gen, .. } = s.pages[i] else {
+                continue;
+            };
+            let at = link.peer_buf + (i - a) * page;
+            // SAFETY: inside the peer buffer, which the completed WRITE filled.
+            let got = unsafe { std::ptr::read_volatile(at as *const [u64; 2]) };
+            if got != [gen, s.addr(i) as u64] {
+                return Err(format!(
+                    "STALE on rxe0: RDMA WRITE through MR {:#x}+{} (lkey {:#x}) delivered gen {} addr {:#x} for page {i}, \
+                     the page holds gen {gen}: the MR pins frames that are no longer mapped there",
+                    mr.addr, mr.len, mr.lkey, got[0], got[1]
+                ));
+            }
+        }
+        self.rdma_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn pin_error(&self, e: &umm::Error) {
@@ -758,13 +917,19 @@ impl<'m> Ctx<'m> {
             }
         };
         let mut line = format!("#{seq} t{tid} s{} pin [{a},{b}) {names} ->", s.index);
+        if let Some(t) = self.rdma.as_ref().and_then(|w| pin.translation(w.dev)) {
+            line += &format!(" rxe0 lkey {:#x}", t.lkey);
+        }
         for (dev, name) in [(self.nic, "nic"), (self.gpu, "gpu")] {
             if let Some(t) = pin.translation(dev) {
                 line += &format!(" {name}#{}", t.recorded.id);
             }
         }
         self.trace(Some(s), line);
-        if let Err(msg) = self.check(s, &pin, a, b) {
+        if let Err(msg) = self
+            .check(s, &pin, a, b)
+            .and_then(|_| self.check_wire(s, &pin, a, b))
+        {
             self.fail(
                 Some(s),
                 format!("pin of slot {} pages [{a},{b}) ({range}): {msg}", s.index),
@@ -1451,6 +1616,23 @@ fn done(ok: bool, d: String) -> Outcome {
     }
 }
 
+/// The number of MRs the kernel holds on `dev` (`rdma resource show`).
+fn kernel_mr_count(dev: &str) -> Option<u64> {
+    let out = std::process::Command::new("rdma")
+        .args(["resource", "show"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.get(1).map(|w| w.trim_end_matches(':')) != Some(dev) {
+            return None;
+        }
+        let i = words.iter().position(|w| *w == "mr")?;
+        words.get(i + 1)?.parse().ok()
+    })
+}
+
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
@@ -1575,6 +1757,16 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
     }
     let total_weight = table.iter().map(|(_, w)| w).sum();
 
+    let rdma = if opts.rdma {
+        let (dev, link) = Link::open(&manager)
+            .map_err(|e| RunError::Setup(format!("Soft-RoCE rxe0/rxe1: {e}")))?;
+        Some(Wire {
+            dev,
+            link: Mutex::new(link),
+        })
+    } else {
+        None
+    };
     let base = reserve(opts.slots.max(1))?;
     let page = umm::page_size();
     let ctx = Ctx {
@@ -1623,6 +1815,9 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
         forks,
         cow_caught: kmod_loaded && op_set.contains(&OpKind::ForkCow),
         cow_frames: AtomicU64::new(0),
+        micros: OpKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+        rdma,
+        rdma_writes: AtomicU64::new(0),
     };
     // Every slot starts with 8 anonymous pages.
     for m in &ctx.slots {
@@ -1695,6 +1890,12 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
         dropped: dropper.dropped.load(Ordering::Relaxed),
         manual_invalidations: ctx.manual_calls.load(Ordering::Relaxed),
         cow_frames: ctx.cow_frames.load(Ordering::Relaxed),
+        rdma_writes: ctx.rdma_writes.load(Ordering::Relaxed),
+        micros: OpKind::ALL
+            .iter()
+            .map(|&k| (k, ctx.micros[k.index()].load(Ordering::Relaxed)))
+            .filter(|(_, us)| *us > 0)
+            .collect(),
         op_set,
         source_stats: uffd
             .as_ref()
@@ -1727,6 +1928,15 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
             problems.push(format!(
                 "{name}: {r} registrations, {d} deregistrations, {bad} bad deregistrations, {live} still registered"
             ));
+        }
+    }
+    if opts.rdma {
+        for dev in ["rxe0", "rxe1"] {
+            match kernel_mr_count(dev) {
+                Some(0) => {}
+                Some(n) => problems.push(format!("{dev}: the kernel still holds {n} MRs")),
+                None => problems.push(format!("{dev}: no MR count from `rdma resource show`")),
+            }
         }
     }
     let fds1 = fd_count();

@@ -3,7 +3,8 @@
 //! ```text
 //! umm-torture [--source manual|uffd|interpose|kmod|combined|none|all[,...]] [--seed S]
 //!             [--threads N] [--ops N] [--duration SECS] [--slots N] [--heap-slots N]
-//!             [--op-set all|NAME,...] [--plant drop-every=N] [--min-ops N] [--expect-failure]
+//!             [--op-set all|NAME,...] [--plant drop-every=N] [--min-ops N] [--rdma]
+//!             [--require] [--expect-failure]
 //! ```
 //!
 //! Exit status: 0 when every run is green (with `--expect-failure`: when every run found a
@@ -21,7 +22,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: umm-torture [--source LIST] [--seed S] [--threads N] [--ops N] [--duration SECS] \
          [--slots N] [--heap-slots N] [--op-set all|NAME,...] [--plant drop-every=N] [--min-ops N] \
-         [--require] [--expect-failure]\n\
+         [--rdma] [--require] [--expect-failure]\n\
          sources: manual uffd interpose kmod combined none all\n\
          operations: {}",
         OpKind::ALL
@@ -116,6 +117,7 @@ fn main() -> ExitCode {
                 }
             }
             "--require" => require = true,
+            "--rdma" => opts.rdma = true,
             "--expect-failure" => expect_failure = true,
             _ => return usage(),
         }
