@@ -7,7 +7,9 @@
 # (default 500000; at least 100000 are required) for each host source: manual (the
 # control, every operation), userfaultfd, interposition (in-process hooks) and the two
 # combined; then the planted-bug runs, which must FAIL: every source with a wrapper that
-# drops every 7th invalidation, and a manager with no source at all.
+# drops every 7th invalidation, and a manager with no source at all; then interposition
+# through LD_PRELOAD=libumm_preload.so alone (umm-torture-preload has no hooks of its own),
+# green and planted.
 # Guest (about 4 minutes; qemu TCG through scripts/vm): builds kmod-notifier, loads it and
 # runs the kernel-module source (every operation, also fork COW breaks, hole punching,
 # truncation, shmat(SHM_REMAP)), the combined sources, and the kernel module with pins on
@@ -29,12 +31,13 @@ cd "$repo"
 seed="${UMM_TORTURE_SEED:-$(date +%s)}"
 passed=0
 failed=0
-# run NAME ARGS...: runs umm-torture, counts the result.
+# run NAME ARGS...: runs $bin (umm-torture, or $pre "umm-torture-preload"), counts the result.
+pre=()
 run() {
     local name="$1"
     shift
-    echo "=== $name: umm-torture $*"
-    if "$bin" --seed "$seed" "$@"; then
+    echo "=== $name: ${pre[*]} $(basename "$bin") $*"
+    if env "${pre[@]}" "$bin" --seed "$seed" "$@"; then
         passed=$((passed + 1))
     else
         echo "!!! $name FAILED"
@@ -105,7 +108,7 @@ t0=$(date +%s)
 if [ "$guest" = 1 ]; then
     build_kmod_optional "the guest torture runs"
 fi
-cargo build --release -p umm-torture
+cargo build --release -p umm-torture -p umm-preload
 bin="$target/release/umm-torture"
 
 if [ "$host" = 1 ]; then
@@ -118,6 +121,14 @@ if [ "$host" = 1 ]; then
         run "host planted: $s drops every 7th invalidation" --source "$s" --plant drop-every=7 --expect-failure --ops 200000
     done
     run "host planted: no source" --source none --expect-failure --ops 200000
+    # The LD_PRELOAD hooks alone: umm-torture-preload exports none of its own.
+    bin="$target/release/umm-torture-preload"
+    pre=("LD_PRELOAD=$target/release/libumm_preload.so")
+    # shellcheck disable=SC2046
+    run "host LD_PRELOAD interposition" --source interpose --require $(budget "$ops")
+    run "host planted: LD_PRELOAD hooks drop every 7th invalidation" --source interpose --plant drop-every=7 --expect-failure --ops 200000
+    bin="$target/release/umm-torture"
+    pre=()
     echo "host: $(( $(date +%s) - t0 )) s"
 fi
 

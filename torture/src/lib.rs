@@ -28,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod frames;
 pub mod ops;
 pub mod rng;
