@@ -57,6 +57,8 @@ const FILE_PAGES: usize = 32;
 /// Lines of trace kept per slot and for the whole run.
 const SLOT_TRACE: usize = 40;
 const RUN_TRACE: usize = 80;
+/// Most the resident set may grow over a run (index nodes, entries, allocator caches).
+const RSS_BOUND_KIB: i64 = 256 << 10;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -1945,6 +1947,14 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
         problems.push(format!("descriptors: {fds0} before the run, {fds1} after"));
     }
     report.rss_growth_kib = rss_kib() - rss0;
+    // The pool is at most slots x 16 pages and every block is freed: what stays resident is
+    // the manager's (index, entries) and the allocator's.
+    if report.rss_growth_kib > RSS_BOUND_KIB {
+        problems.push(format!(
+            "resident set grew by {} KiB over the run (bound {RSS_BOUND_KIB} KiB)",
+            report.rss_growth_kib
+        ));
+    }
     report.elapsed = t0.elapsed();
     if !problems.is_empty() {
         let recent = Vec::new();

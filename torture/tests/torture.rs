@@ -138,3 +138,21 @@ fn planted_bug_interposition_dropping_hooks_fails() {
 fn planted_bug_no_source_fails() {
     must_fail(SourceKind::NoSource, None);
 }
+
+/// `--seed S --threads 1` replays: the same seed gives the same operations with the same
+/// outcomes (the control source, so nothing depends on event timing).
+#[test]
+fn one_thread_runs_replay_from_the_seed() {
+    let o = Options {
+        threads: 1,
+        ops: 5_000,
+        ..opts(SourceKind::Manual, 31)
+    };
+    let a = green(&o).expect("manual");
+    let b = green(&o).expect("manual");
+    assert_eq!(a.per_op, b.per_op, "same seed, different operation streams");
+    assert_eq!(
+        (a.pins_checked, a.registrations, a.hits),
+        (b.pins_checked, b.registrations, b.hits)
+    );
+}
