@@ -18,6 +18,8 @@ packages=(
     mesa-vulkan-drivers vulkan-tools libvulkan1 libvulkan-dev
     # UCX's registration cache, the peer of the comparison benchmark
     libucx-dev
+    # scripts/check-package.sh reads cargo's JSON and TOML with python3
+    python3
 )
 
 missing=()

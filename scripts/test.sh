@@ -33,11 +33,21 @@ echo "-- skipped checks (hardware not present here), as the tests reported them:
 grep -h "SKIP" "$log" | sort -u || echo "(none)"
 rm -f "$log"
 
-step "core concurrency tests in release mode (interleavings differ at speed)"
+step "concurrency tests in release mode (interleavings differ at speed)"
 cargo test -p umm --release --locked --test stress --test model --test failsafe
+cargo test -p umm-uffd -p umm-interpose -p umm-torture --release --locked
+
+step "torture suite on the host (seeded churn against every host source; planted bugs must fail)"
+bash scripts/test-torture.sh --host-only
+
+step "packaging (cargo package / publish --dry-run of every library crate; a project outside the workspace)"
+bash scripts/check-package.sh --quick
 
 step "benchmarks compile"
 cargo bench --workspace --locked --no-run
+
+step "C API from C (header check; C tests on libumm.so and libumm.a; install + pkg-config; verbs in the guest)"
+bash scripts/test-capi.sh
 
 if [ "${UMM_SKIP_GUEST:-0}" = 1 ]; then
     step "guest suites skipped (UMM_SKIP_GUEST=1)"
@@ -52,5 +62,8 @@ bash sources/coverage/guest-matrix.sh
 
 step "RDMA suite on Soft-RoCE (qemu guest)"
 bash scripts/test-rdma.sh
+
+step "torture suite in the guest (kernel module, combined, RDMA WRITEs checked on the wire)"
+bash scripts/test-torture.sh --guest-only
 
 step "all tests passed"
