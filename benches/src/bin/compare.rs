@@ -99,6 +99,13 @@ impl Report {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--rss") {
+        let n = args
+            .get(i + 2)
+            .and_then(|v| v.parse().ok())
+            .expect("--rss CACHE N");
+        return rss_probe(&args[i + 1], n);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
         .iter()
@@ -354,27 +361,44 @@ fn miss_and_invalidate(r: &mut Report, n: usize, count: usize) {
     );
 }
 
-/// Resident memory per cached entry: RSS growth while `n` entries are cached, each cache
-/// measured from an empty start in turn.
+/// Resident memory per cached entry: RSS growth while `n` entries are cached. Each cache is
+/// measured in a fresh process (this program re-run with `--rss CACHE N`): in this one,
+/// memory freed by earlier rows would be reused and hide the growth.
 fn memory(r: &mut Report, n: usize) {
-    let w = Workload::new(n);
-    let before = rss_bytes();
-    let (m, _dev) = w.umm_manager();
-    let umm = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
-    drop(m);
-    let ucx = HAS_UCX.then(|| {
-        let before = rss_bytes();
-        let c = ucx_cache(&w);
-        let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
-        drop(c);
-        per
-    });
+    let probe = |cache: &str| -> Option<f64> {
+        let out = std::process::Command::new(std::env::current_exe().ok()?)
+            .args(["--rss", cache, &n.to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    let umm = probe("umm").expect("the umm memory probe ran");
+    let ucx = if HAS_UCX { probe("ucx") } else { None };
     r.row(
         &format!("memory per cached entry, {n} entries"),
         umm,
         "B",
         &[("UCX rcache", ucx)],
     );
+}
+
+/// The child side of [`memory`]: prints bytes of RSS growth per entry.
+fn rss_probe(cache: &str, n: usize) {
+    let w = Workload::new(n);
+    let before = rss_bytes();
+    let per = |after: u64| after.saturating_sub(before) as f64 / n as f64;
+    match cache {
+        "umm" => {
+            let (m, _dev) = w.umm_manager();
+            println!("{}", per(rss_bytes()));
+            drop(m);
+        }
+        _ => {
+            let c = ucx_cache(&w);
+            println!("{}", per(rss_bytes()));
+            drop(c);
+        }
+    }
 }
 
 #[cfg(umm_has_ucx)]
