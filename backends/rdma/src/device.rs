@@ -80,7 +80,11 @@ fn host_guid(raw: u64) -> u64 {
 pub enum RdmaError {
     /// No verbs stack (`ibv_get_device_list` fails, e.g. `ENOSYS` without RDMA support in
     /// the kernel) or it lists no device at all.
-    #[error("no RDMA device: {reason}")]
+    #[error(
+        "no RDMA device: {reason} (load the verbs stack and the NIC's driver: `modprobe \
+         ib_uverbs` plus e.g. mlx5_ib; or, without an RDMA NIC, Soft-RoCE: `modprobe rdma_rxe` \
+         and `rdma link add rxe0 type rxe netdev <interface>`)"
+    )]
     NoDevice {
         /// Why: the OS error of `ibv_get_device_list` or "the device list is empty".
         reason: String,
