@@ -291,8 +291,8 @@ enum umm_status_t umm_attach_verbs_pd(struct umm_manager_t *manager,
 // umm never destroys it) and stores the device handle in `*out`. Registrations use
 // `cuMemHostRegister` with `CU_MEMHOSTREGISTER_DEVICEMAP | CU_MEMHOSTREGISTER_PORTABLE`
 // and the translation's `cuda_device_ptr` is the device pointer of the registered range.
-// CUDA refuses overlapping host registrations, so umm merges overlapping and adjacent
-// pins of this device into one registration. The context must stay alive until the
+// CUDA refuses overlapping host registrations, so umm merges overlapping pins of this
+// device into one registration (adjacent ones stay apart). The context must stay alive until the
 // manager is destroyed and its last pin released. Fails with `UMM_ERR_BACKEND` without a
 // CUDA driver (the message says so) and `UMM_ERR_UNSUPPORTED` when the library was built
 // without CUDA. Thread-safe.

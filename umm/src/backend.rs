@@ -11,7 +11,7 @@ use crate::range::Range;
 pub struct Capabilities {
     /// Whether two registrations of this device may overlap. Verbs and Vulkan allow it;
     /// CUDA keys host registrations by address and refuses overlaps, so the manager merges
-    /// overlapping and adjacent requests into one larger registration and deregisters the
+    /// overlapping requests into one larger registration (adjacent ones stay apart) and deregisters the
     /// old ones first.
     pub allows_overlap: bool,
     /// Registrations are rounded out to this power of two (at least the page size).

@@ -22,8 +22,8 @@
 //! driver requires. Dropping the backend unregisters whatever the manager left registered.
 //!
 //! CUDA refuses overlapping host registrations (measured on an H100: docs/design.md), so
-//! [`Capabilities::allows_overlap`] is `false`: the core merges overlapping and adjacent
-//! requests into one registration, unregisters stale entries before registering a fresh
+//! [`Capabilities::allows_overlap`] is `false`: the core merges overlapping requests into
+//! one registration (adjacent ones, which CUDA accepts, stay apart), unregisters stale entries before registering a fresh
 //! mapping at the same address, and fails with `umm::Error::DeviceRangeBusy` when a stale
 //! overlapping entry is still pinned after `Config::busy_timeout`.
 
