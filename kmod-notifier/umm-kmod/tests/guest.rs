@@ -1548,8 +1548,15 @@ fn watch_waits_for_running_invalidation() -> Outcome {
         let id = dev
             .watch(last as u64, page() as u64)
             .map_err(|e| e.to_string())?;
-        // SAFETY: the last page of our mapping (still mapped: DONTNEED keeps the VMA).
-        let byte = unsafe { ptr::read_volatile(last as *const u8) };
+        // Whether the page table still maps the old page. Not a CPU read: x86 flushes the
+        // TLBs of a zap (tlb_finish_mmu) after the invalidation has ended, so another CPU
+        // may still read the old page through its TLB although the page table no longer
+        // maps it; a device registration walks the page table, which is what matters.
+        let mut resident = 0u8;
+        // SAFETY: mincore of one page of our own mapping into one byte we own.
+        let rc = unsafe { libc::mincore(last as *mut _, page(), &mut resident) };
+        ensure!(rc == 0, "mincore: {}", std::io::Error::last_os_error());
+        let byte = if resident & 1 != 0 { 0xabu8 } else { 0 };
         ensure!(zapper.join().unwrap() == 0, "madvise failed");
         let ev = dev.read_events().map_err(|e| e.to_string())?;
         let recorded = ev.iter().any(|e| e.id == id);
@@ -1560,9 +1567,9 @@ fn watch_waits_for_running_invalidation() -> Outcome {
         conclusive += 1;
         ensure!(
             byte == 0 || recorded,
-            "WATCH returned while MADV_DONTNEED was still tearing its page down (read the old \
-             byte {byte:#x}) and no record came for it: a registration made then would pin \
-             a page the application no longer has"
+            "WATCH returned while MADV_DONTNEED was still tearing its page down (the page \
+             table still mapped the old page, byte {byte:#x}) and no record came for it: a \
+             registration made then would pin a page the application no longer has"
         );
         if conclusive >= 2 {
             break;
