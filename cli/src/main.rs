@@ -128,30 +128,35 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn run_bench(quick: bool) -> ExitCode {
-    // The harness is a binary of umm-benches (its measuring code lives in its main): run the
-    // one built next to this binary if there is one, else build and run it with cargo.
+    // The harness is a binary of umm-benches (its measuring code lives in its main). From a
+    // source tree: build and run it optimized with cargo (a debug build would measure
+    // nothing useful); elsewhere: the `compare` installed next to this binary.
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let sibling = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("compare")))
         .filter(|p| p.is_file());
-    let mut cmd = match sibling {
-        Some(p) => std::process::Command::new(p),
-        None => {
-            let mut c =
-                std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
-            c.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .args([
-                    "run",
-                    "-q",
-                    "-p",
-                    "umm-benches",
-                    "--release",
-                    "--bin",
-                    "compare",
-                    "--",
-                ]);
-            c
-        }
+    let mut cmd = if std::path::Path::new(repo)
+        .join("benches/Cargo.toml")
+        .is_file()
+    {
+        let mut c = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+        c.current_dir(repo).args([
+            "run",
+            "-q",
+            "-p",
+            "umm-benches",
+            "--release",
+            "--bin",
+            "compare",
+            "--",
+        ]);
+        c
+    } else if let Some(p) = sibling {
+        std::process::Command::new(p)
+    } else {
+        eprintln!("umm bench: neither the umm source tree nor an installed `compare` was found");
+        return ExitCode::FAILURE;
     };
     if quick {
         cmd.arg("--quick");
