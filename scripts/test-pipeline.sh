@@ -8,7 +8,8 @@
 # the `umm` binary and umm-cli's test binaries, and the pipeline demo when its crate exists.
 # In the guest (scripts/vm): sets up rxe0/rxe1 (scripts/rxe-setup.sh), loads the module, prints
 # `umm doctor`, runs umm-cli's tests with UMM_EXPECT_GUEST=1 (guest_verdict asserts: kernel
-# module yes, RDMA yes), and a short pipeline run in each mode when built.
+# module yes, RDMA yes), and, when demos/pipeline exists, a short pipeline run in the three
+# modes (exit status non-zero on a mismatch in umm mode) and `umm stats` of a live one.
 #
 # Environment: CARGO_TARGET_DIR (default <repo>/target; must be visible in the guest),
 # UMM_PIPELINE_TIMEOUT (guest timeout, default 420 s).
@@ -34,8 +35,25 @@ if [ "${1:-}" = "--in-guest" ]; then
                 if echo "$out" | grep -q '^SKIP: UMM_EXPECT_GUEST'; then echo "FAIL: guest test skipped"; fail=1; fi
                 ;;
             pipeline)
-                echo "== pipeline (short run)"
-                "$bin" --short || { echo "FAIL: pipeline"; fail=1; }
+                echo "== pipeline (short run, three modes)"
+                "$bin" --short --plain || { echo "FAIL: pipeline (exit $?)"; fail=1; }
+                echo "== umm stats of a live pipeline (UMM_STATS_EXPORT=1)"
+                UMM_STATS_EXPORT=1 "$bin" --mode umm --buffers 200 --plain >"$UMM_VM_OUT/live.log" 2>&1 &
+                pid=$!
+                snap=""
+                # Wait (bounded) until the process exports its counters.
+                for _ in $(seq 300); do
+                    snap="$("$umm" stats "$pid" --json 2>/dev/null)" && break
+                    kill -0 "$pid" 2>/dev/null || break
+                    sleep 0.1
+                done
+                if echo "$snap" | grep -q '"devices":\[{"id":0,"name":"vulkan:'; then
+                    echo "$snap"
+                    "$umm" stats "$pid" || true
+                else
+                    echo "FAIL: no snapshot from the live pipeline: $snap"; fail=1
+                fi
+                wait "$pid" || { echo "FAIL: live pipeline run"; cat "$UMM_VM_OUT/live.log"; fail=1; }
                 ;;
         esac
     done <"$list"
