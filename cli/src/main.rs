@@ -90,13 +90,13 @@ fn run_doctor(a: &ArgMatches) -> ExitCode {
         }
     };
     let report = doctor::Report::gather(working_set);
-    if a.get_flag("json") {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report.to_json()).expect("JSON")
-        );
+    let text = if a.get_flag("json") {
+        format!("{:#}\n", report.to_json())
     } else {
-        print!("{report}");
+        report.to_string()
+    };
+    if !emit(&text) {
+        return ExitCode::FAILURE;
     }
     if report.usable() {
         ExitCode::SUCCESS
@@ -172,6 +172,16 @@ fn run_bench(quick: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `text` to stdout; `false` when stdout is gone (a closed pipe: `umm doctor | head`),
+/// which ends the command quietly instead of panicking like `print!`.
+pub fn emit(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .is_ok()
 }
 
 /// A `Value` from a count that may be absent.

@@ -36,16 +36,19 @@ pub fn run(a: &ArgMatches) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let mut text = String::new();
         if json {
-            println!("{}", snapshot.trim_end());
+            text = format!("{}\n", snapshot.trim_end());
         } else {
-            if watch.is_some() && shown > 0 {
-                // Clear the screen (ANSI) only when refreshing on a terminal.
-                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                    print!("\x1b[H\x1b[2J");
-                }
+            // Clear the screen (ANSI) only when refreshing on a terminal.
+            if watch.is_some() && shown > 0 && std::io::IsTerminal::is_terminal(&std::io::stdout())
+            {
+                text.push_str("\x1b[H\x1b[2J");
             }
-            print!("{}", table(&parsed));
+            text.push_str(&table(&parsed));
+        }
+        if !crate::emit(&text) {
+            return ExitCode::SUCCESS;
         }
         shown += 1;
         match watch {

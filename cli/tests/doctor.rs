@@ -154,3 +154,20 @@ fn which(name: &str) -> Result<(), ()> {
         .then_some(())
         .ok_or(())
 }
+
+/// `umm doctor | head -0`: a closed stdout ends the command with a status, not a panic
+/// (it panicked with exit 101 in `println!` before).
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_umm"))
+        .args(["doctor", "--json"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+}
