@@ -41,13 +41,16 @@ if [ "${1:-}" = "--in-guest" ]; then
                 UMM_STATS_EXPORT=1 "$bin" --mode umm --buffers 200 --plain >"$UMM_VM_OUT/live.log" 2>&1 &
                 pid=$!
                 snap=""
-                # Wait (bounded) until the process exports its counters.
-                for _ in $(seq 300); do
-                    snap="$("$umm" stats "$pid" --json 2>/dev/null)" && break
+                # Wait (bounded) until the process exports its counters with both devices
+                # attached (the export starts with the source, before the devices).
+                ok=0
+                for _ in $(seq 600); do
+                    snap="$("$umm" stats "$pid" --json 2>/dev/null)" || snap=""
+                    if echo "$snap" | grep -q '"name":"vulkan:.*"name":"rxe1'; then ok=1; break; fi
                     kill -0 "$pid" 2>/dev/null || break
                     sleep 0.1
                 done
-                if echo "$snap" | grep -q '"devices":\[{"id":0,"name":"vulkan:'; then
+                if [ "$ok" = 1 ]; then
                     echo "$snap"
                     "$umm" stats "$pid" || true
                 else
