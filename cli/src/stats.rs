@@ -76,8 +76,27 @@ pub fn table(v: &Value) -> String {
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         out += &format!("  ({e})\n");
     }
+    let devices: Vec<&Value> = v
+        .get("devices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    let label = |d: &Value| {
+        format!(
+            "{} (dev#{})",
+            d.get("name").and_then(Value::as_str).unwrap_or("?"),
+            num(d, "id")
+        )
+    };
+    let w = devices
+        .iter()
+        .map(|d| label(d).len())
+        .max()
+        .unwrap_or(0)
+        .max(20);
     out += &format!(
-        "  {:<20} {:>10} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>14}\n",
+        "  {:<w$} {:>10} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>14}\n",
         "device",
         "hits",
         "misses",
@@ -102,12 +121,8 @@ pub fn table(v: &Value) -> String {
             format!("{:.1}", 100.0 * h as f64 / (h + m) as f64)
         };
         out += &format!(
-            "  {:<20} {:>10} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>12} B\n",
-            format!(
-                "{} (dev#{})",
-                d.get("name").and_then(Value::as_str).unwrap_or("?"),
-                num(d, "id")
-            ),
+            "  {:<w$} {:>10} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>12} B\n",
+            label(d),
             h,
             m,
             rate,
