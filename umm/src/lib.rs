@@ -44,6 +44,7 @@ pub mod backend;
 pub mod device;
 mod entry;
 pub mod error;
+pub mod export;
 mod fork;
 mod index;
 pub mod manager;
@@ -60,6 +61,7 @@ pub struct ReadmeDoctests;
 pub use backend::{Backend, BackendError, BackendErrorKind, Capabilities};
 pub use device::{Device, DeviceId};
 pub use error::{memlock_limit, Error, Result};
+pub use export::StatsExport;
 pub use manager::{
     Config, Manager, OwnedPin, Pin, Pinned, Reaper, MAX_DEVICES, MAX_PIN_DEVICES, MAX_SOURCES,
 };
