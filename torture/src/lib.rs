@@ -207,8 +207,8 @@ pub struct Report {
     pub rdma_writes: u64,
     /// Time spent per operation kind, in microseconds (all workers together).
     pub micros: BTreeMap<OpKind, u64>,
-    /// Frames replaced by a COW break after a fork, not invalidated, excused (see
-    /// `Ctx::cow_excused`; never excused with the kernel module).
+    /// Frames the kernel moved under an unchanged tag, excused (see
+    /// `Ctx::frame_move_excused`; never with the kernel module and fork in the mix).
     pub cow_frames: u64,
     /// The operations the run used.
     pub op_set: Vec<OpKind>,
@@ -235,7 +235,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "invalidations {} (entries {}, invalidate_all {}), registrations {}, hits {}, manual invalidate calls {}, dropped by plant {}, COW frames after fork excused {}; {}; RSS growth {} KiB",
+            "invalidations {} (entries {}, invalidate_all {}), registrations {}, hits {}, manual invalidate calls {}, dropped by plant {}, frames moved by the kernel (fork COW, THP, migration) excused {}; {}; RSS growth {} KiB",
             self.invalidations,
             self.invalidated_entries,
             self.invalidate_all,
@@ -400,12 +400,14 @@ impl<'m> Ctx<'m> {
         }
     }
 
-    /// A frame changed under an unchanged tag after a fork made since the registration:
-    /// the kernel copied a private page on a write (COW). A pinning backend keeps its
-    /// frames (the kernel copies pinned pages for the child at fork time); the recorder
-    /// cannot, so this is counted, not failed, unless the source claims to see COW breaks.
-    fn cow_excused(&self, forks_at_register: u64) -> bool {
-        if self.cow_caught || forks_at_register == self.forks.load(Ordering::SeqCst) {
+    /// A frame changed under an unchanged tag: the kernel moved a private page without the
+    /// application doing anything a user-space source could see (a COW copy on a write
+    /// after a fork, a transparent-huge-page collapse, migration, compaction). A pinning
+    /// backend keeps its frames (the kernel neither moves pinned pages nor leaves them to
+    /// the other side of a COW); the recorder pins nothing, so this is counted, not failed,
+    /// unless the source sees such moves (the kernel module with fork in the mix).
+    fn frame_move_excused(&self) -> bool {
+        if self.cow_caught {
             return false;
         }
         self.cow_frames.fetch_add(1, Ordering::Relaxed);
@@ -700,7 +702,7 @@ impl<'m> Ctx<'m> {
                 if let Some(pm) = &self.pagemap {
                     let cur = frames::pfn(pm, addr);
                     if rec.pfn != 0 && cur != 0 && rec.pfn != cur {
-                        if self.cow_excused(t.forks) {
+                        if self.frame_move_excused() {
                             continue;
                         }
                         return Err(format!(
@@ -777,6 +779,10 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
     // heap (free keeps them; malloc_trim returns them).
     // SAFETY: mallopt only changes the allocator's policy.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+    // No transparent huge pages: khugepaged would replace frames under the recorder (which
+    // pins nothing) at any time, and only the kernel module can see that.
+    // SAFETY: a process-wide flag; no memory is touched.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 
     let manager = Arc::new(Manager::new(Config {
         busy_timeout: Duration::from_millis(20),

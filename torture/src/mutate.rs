@@ -62,7 +62,7 @@ impl<'m> Ctx<'m> {
                                 let rec = t.pages[(addr - reg.start()) / page];
                                 let cur = frames::pfn(pm, addr);
                                 if rec.pfn != 0 && cur != 0 && rec.pfn != cur {
-                                    if self.cow_excused(t.forks) {
+                                    if self.frame_move_excused() {
                                         continue;
                                     }
                                     self.fail(
