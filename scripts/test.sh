@@ -63,6 +63,9 @@ bash sources/coverage/guest-matrix.sh
 step "RDMA suite on Soft-RoCE (qemu guest)"
 bash scripts/test-rdma.sh
 
+step "the umm command line and the GPU->NIC pipeline demo (qemu guest)"
+bash scripts/test-pipeline.sh
+
 step "torture suite in the guest (kernel module, combined, RDMA WRITEs checked on the wire)"
 bash scripts/test-torture.sh --guest-only
 
