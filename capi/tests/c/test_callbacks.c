@@ -18,19 +18,7 @@
 
 #include <umm.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                             \
-	do {                                                         \
-		if (cond) {                                          \
-			passed++;                                    \
-		} else {                                             \
-			failed++;                                    \
-			printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-			printf(__VA_ARGS__);                         \
-			printf(" (last error: %s)\n", umm_last_error()); \
-		}                                                    \
-	} while (0)
+#include "check.h"
 
 /* A recording device: every registration gets a fresh token; deregistration checks it. */
 struct recorder {

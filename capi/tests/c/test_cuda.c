@@ -15,19 +15,7 @@
 
 #include <umm.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                       \
-	do {                                                                   \
-		if (cond) {                                                    \
-			passed++;                                              \
-		} else {                                                       \
-			failed++;                                              \
-			printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-			printf(__VA_ARGS__);                                   \
-			printf(" (last error: %s)\n", umm_last_error());       \
-		}                                                              \
-	} while (0)
+#include "check.h"
 
 typedef int (*cu_init_t)(unsigned int);
 typedef int (*cu_device_get_t)(int *, int);

@@ -18,19 +18,7 @@
 #include <infiniband/verbs.h>
 #include <umm.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                       \
-	do {                                                                   \
-		if (cond) {                                                    \
-			passed++;                                              \
-		} else {                                                       \
-			failed++;                                              \
-			printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-			printf(__VA_ARGS__);                                   \
-			printf(" (last error: %s)\n", umm_last_error());       \
-		}                                                              \
-	} while (0)
+#include "check.h"
 
 /* The number of MRs the kernel holds on `dev` ("N: rxe0: pd 1 cq 0 qp 0 cm_id 0 mr 2 ..."). */
 static long kernel_mr_count(const char *dev)

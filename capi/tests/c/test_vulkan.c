@@ -14,19 +14,7 @@
 #include <umm.h>
 #include <vulkan/vulkan.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                       \
-	do {                                                                   \
-		if (cond) {                                                    \
-			passed++;                                              \
-		} else {                                                       \
-			failed++;                                              \
-			printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-			printf(__VA_ARGS__);                                   \
-			printf(" (last error: %s)\n", umm_last_error());       \
-		}                                                              \
-	} while (0)
+#include "check.h"
 
 static int skip(const char *why)
 {
