@@ -244,7 +244,7 @@ fn kmod_unavailable(e: &umm_kmod::Error) -> SourceStatus {
     let release = kernel_release();
     let dev = umm_kmod::sys::UMM_NOTIFY_DEVICE;
     let (detail, fix) = match e {
-        umm_kmod::Error::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        umm_kmod::Error::NotLoaded { .. } => {
             if Path::new("/sys/module/umm_notify").exists() {
                 (
                     format!("module umm_notify is loaded but {dev} does not exist"),
@@ -273,19 +273,17 @@ fn kmod_unavailable(e: &umm_kmod::Error) -> SourceStatus {
                     ),
                     format!(
                         "install the headers (apt-get install linux-headers-{release}), then \
-                         make -C kmod-notifier && sudo insmod kmod-notifier/umm_notify.ko"
+                         sudo scripts/install-kmod.sh (DKMS) and sudo modprobe umm_notify"
                     ),
                 )
             }
         }
-        umm_kmod::Error::Open { source, .. }
-            if source.kind() == std::io::ErrorKind::PermissionDenied =>
-        {
-            (
-                format!("{dev} exists but this user may not open it"),
-                format!("give this user read/write on {dev} (a udev rule: MODE or GROUP)"),
-            )
-        }
+        umm_kmod::Error::PermissionDenied { .. } => (
+            format!("{dev} exists but this user may not open it"),
+            "add the user to the device's group: sudo usermod -aG umm $USER (the shipped udev \
+             rule makes it mode 0660, group umm), then log in again"
+                .to_string(),
+        ),
         umm_kmod::Error::AbiMismatch { .. } => (
             e.to_string(),
             "rebuild and reload the module from this source tree".to_string(),
@@ -400,17 +398,44 @@ const MATRIX: &[(&str, [Verdict; 3])] = {
         ("mremap shrink in place", [Caught, Caught, Caught]),
         ("mmap(MAP_FIXED) over the range", [Caught, Caught, Caught]),
         ("madvise(MADV_DONTNEED)", [Caught, Caught, Caught]),
-        (
-            "free() of a 4 MiB malloc block",
-            [Caught, Caught, NotCaught],
-        ),
+        ("free() of a 4 MiB malloc block", [Caught, Caught, Caught]),
         ("sbrk shrink of the heap top", [Caught, Caught, Caught]),
         ("shmdt of a SysV segment", [Caught, Refused, Caught]),
         (
             "fork + parent write (COW break)",
             [Caught, NotCaught, NotCaught],
         ),
-        ("syscall(SYS_munmap) (raw)", [Caught, Caught, NotCaught]),
+        (
+            "syscall(SYS_munmap) (raw, as in a static binary)",
+            [Caught, Caught, NotCaught],
+        ),
+        ("munmap from another thread", [Caught, Caught, Caught]),
+        ("mremap(MREMAP_DONTUNMAP)", [Refused, Refused, Caught]),
+        ("madvise(MADV_FREE)", [Caught, Caught, Caught]),
+        (
+            "madvise(MADV_REMOVE) of shared anonymous memory",
+            [Caught, Caught, Caught],
+        ),
+        (
+            "free() + malloc_trim(0) of a 100 KiB heap block",
+            [Caught, Caught, Caught],
+        ),
+        (
+            "shmat(SHM_REMAP) over a SysV segment",
+            [Caught, Refused, Caught],
+        ),
+        (
+            "fallocate(PUNCH_HOLE) of a memfd (shmem) mapping",
+            [Caught, Refused, Refused],
+        ),
+        (
+            "fallocate(PUNCH_HOLE) of an ext4 file mapping",
+            [Caught, Refused, Refused],
+        ),
+        (
+            "ftruncate shrink of a memfd (shmem) mapping",
+            [Caught, Refused, Refused],
+        ),
     ]
 };
 
@@ -612,7 +637,7 @@ mod tests {
         let cell = |c: &str| {
             if c.starts_with("caught") {
                 Verdict::Caught
-            } else if c.contains("cannot watch") {
+            } else if c.starts_with("refused") {
                 Verdict::Refused
             } else {
                 assert!(c.contains("not caught"), "unknown cell {c:?}");
