@@ -5,6 +5,10 @@ use std::sync::Arc;
 use umm::{testing::RecordingBackend, Manager, Range};
 use umm_auto::{add_source_with, probe, Preference, SourceKind, Verdict};
 
+/// One test at a time: each makes userfaultfd sources, which register whole spans of the
+/// VMA around a watch; two sources sharing a merged VMA would see EBUSY.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn mmap(len: usize) -> *mut u8 {
     // SAFETY: anonymous private mapping, checked below.
     let p = unsafe {
@@ -23,6 +27,7 @@ fn mmap(len: usize) -> *mut u8 {
 
 #[test]
 fn auto_picks_the_first_available_source_of_probe_and_it_catches_munmap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let statuses = probe();
     assert_eq!(
         statuses.iter().map(|s| s.kind).collect::<Vec<_>>(),
@@ -70,6 +75,7 @@ fn auto_picks_the_first_available_source_of_probe_and_it_catches_munmap() {
 
 #[test]
 fn a_named_source_that_is_unavailable_is_an_error_with_the_fix() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Arc::new(Manager::default());
     let e = add_source_with(&m, Preference::Only(SourceKind::Interpose)).unwrap_err();
     let text = e.to_string();
@@ -89,6 +95,7 @@ fn a_named_source_that_is_unavailable_is_an_error_with_the_fix() {
 
 #[test]
 fn none_adds_nothing_and_covers_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Arc::new(Manager::default());
     let choice = add_source_with(&m, Preference::None).unwrap();
     assert_eq!(choice.picked, None);

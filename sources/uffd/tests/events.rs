@@ -14,6 +14,11 @@ use umm_uffd::{Options, UffdError, UffdSource};
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Runs `f` on its own thread; fails the test if it does not finish within [`LIMIT`].
+/// Tests of this binary run one at a time: each makes its own source, and a source
+/// registers whole spans of the VMA around a watch, which another test's adjacent (merged)
+/// anonymous mapping can share: its registration would then fail with EBUSY.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -86,6 +91,7 @@ fn drained(s: &UffdSource) -> Vec<Range> {
 
 #[test]
 fn munmap_whole_and_part_are_reported_before_munmap_returns_or_just_after() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let r = map(4);
     touch(r);
@@ -115,6 +121,7 @@ fn munmap_whole_and_part_are_reported_before_munmap_returns_or_just_after() {
 
 #[test]
 fn madvise_dontneed_is_reported_and_refaulting_does_not_hang() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let r = map(8);
     touch(r);
@@ -138,6 +145,7 @@ fn madvise_dontneed_is_reported_and_refaulting_does_not_hang() {
 
 #[test]
 fn mremap_move_reports_the_old_place() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let r = map(4);
     touch(r);
@@ -169,6 +177,7 @@ fn mremap_move_reports_the_old_place() {
 
 #[test]
 fn overlapping_watches_keep_the_registration_until_the_last_unwatch() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(_) = source() else { return };
     // Exact registrations (no widening), so the pages of each watch are all there is.
     let s = UffdSource::new(Options {
@@ -198,6 +207,7 @@ fn overlapping_watches_keep_the_registration_until_the_last_unwatch() {
 
 #[test]
 fn watches_in_one_small_vma_share_its_whole_registration() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let page = umm::page_size();
     let r = map(8);
@@ -228,6 +238,7 @@ fn watches_in_one_small_vma_share_its_whole_registration() {
 
 #[test]
 fn fork_child_is_not_covered_and_never_hangs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let r = map(4);
     touch(r);
@@ -262,6 +273,7 @@ fn fork_child_is_not_covered_and_never_hangs() {
 
 #[test]
 fn dropping_the_source_leaves_no_thread_blocked() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let r = map(2);
     s.watch(1, r).unwrap();
@@ -274,6 +286,7 @@ fn dropping_the_source_leaves_no_thread_blocked() {
 
 #[test]
 fn sysv_shm_is_refused_in_strict_mode_and_counted_otherwise() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source() else { return };
     let lax = UffdSource::new(Options {
         strict: false,
@@ -310,6 +323,7 @@ fn sysv_shm_is_refused_in_strict_mode_and_counted_otherwise() {
 
 #[test]
 fn ring_overflow_invalidates_everything_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(_) = source() else { return };
     let s = UffdSource::new(Options {
         ring_capacity: 2,

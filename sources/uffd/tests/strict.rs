@@ -10,6 +10,11 @@ use umm::testing::RecordingBackend;
 use umm::{Manager, NotifierSource, Range};
 use umm_uffd::{Options, UffdError, UffdSource};
 
+/// Tests of this binary run one at a time: each makes its own source, and a source
+/// registers whole spans of the VMA around a watch, which another test's adjacent (merged)
+/// anonymous mapping can share: its registration would then fail with EBUSY.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn source(options: Options) -> Option<Arc<UffdSource>> {
     match UffdSource::new(options) {
         Ok(s) => Some(s),
@@ -73,6 +78,7 @@ fn unmap(r: Range) {
 
 #[test]
 fn memfd_shared_pin_is_refused_naming_the_hole_punch_private_anonymous_still_pins() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source(Options::default()) else {
         return;
     };
@@ -117,6 +123,7 @@ fn memfd_shared_pin_is_refused_naming_the_hole_punch_private_anonymous_still_pin
 
 #[test]
 fn non_strict_accepts_memfd_shared_and_still_sees_its_munmap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source(Options {
         strict: false,
         ..Options::default()
@@ -143,6 +150,7 @@ fn non_strict_accepts_memfd_shared_and_still_sees_its_munmap() {
 /// names the mapping (with its path) and the cause, not a bare EINVAL.
 #[test]
 fn file_shared_mapping_is_refused_naming_the_file_and_the_cause() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = source(Options::default()) else {
         return;
     };
@@ -219,6 +227,7 @@ fn file_shared_mapping_is_refused_naming_the_file_and_the_cause() {
 /// the guest's 6.1) as with PROCMAP_QUERY.
 #[test]
 fn maps_parsing_classifies_like_procmap_query() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(q) = source(Options::default()) else {
         return;
     };
