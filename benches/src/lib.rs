@@ -1,6 +1,6 @@
 //! The shared workload and baselines of umm's benchmarks.
 //!
-//! The method is the one used for the UCX measurement in DESIGN.md section 3: `n`
+//! The method is the one used for the UCX measurement in docs/design.md: `n`
 //! cached entries, each one page long and two pages apart, hit in a random order, each
 //! hit a get followed by a put (`Manager::pin` + drop). Baselines:
 //!

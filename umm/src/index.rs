@@ -2,7 +2,7 @@
 //!
 //! # Why a radix tree
 //!
-//! Measured on the project's machine (DESIGN.md section 3): a binary search over a sorted
+//! Measured on the project's machine (docs/design.md): a binary search over a sorted
 //! snapshot costs ~10 ns at 10^3 entries and ~100 ns with a cache miss at 10^5, an
 //! `arc-swap`ed snapshot adds two locked operations per lookup and costs O(n) per insert,
 //! while a page-table-like radix stays at 17–19 ns at every size (measured through the
