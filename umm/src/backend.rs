@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::mem::{align_of, needs_drop, size_of, MaybeUninit};
 
 use crate::range::Range;
 
@@ -138,8 +139,65 @@ pub trait Backend: Send + Sync + 'static {
     fn deregister(&self, range: Range, translation: Self::Translation) -> Result<(), BackendError>;
 }
 
-/// A translation with its type erased, as the manager stores it.
-pub(crate) type ErasedTranslation = Box<dyn Any + Send + Sync>;
+/// A translation with its type erased, as the manager stores it: a small plain translation
+/// (an lkey/rkey pair, a device pointer: at most two words, no destructor) inline, so that
+/// reading it on a hit is one load with no pointer chase and no virtual call; any other
+/// boxed.
+pub(crate) struct ErasedTranslation(Repr);
+
+enum Repr {
+    Inline([MaybeUninit<usize>; 2]),
+    Boxed(Box<dyn Any + Send + Sync>),
+}
+
+/// Whether `T` is stored inline.
+const fn inline<T>() -> bool {
+    size_of::<T>() <= 2 * size_of::<usize>()
+        && align_of::<T>() <= align_of::<usize>()
+        && !needs_drop::<T>()
+}
+
+impl ErasedTranslation {
+    pub(crate) fn new<T: Send + Sync + 'static>(t: T) -> Self {
+        if inline::<T>() {
+            let mut words = [MaybeUninit::<usize>::uninit(); 2];
+            // SAFETY: T fits in two words and needs at most word alignment (checked above).
+            unsafe { words.as_mut_ptr().cast::<T>().write(t) };
+            ErasedTranslation(Repr::Inline(words))
+        } else {
+            ErasedTranslation(Repr::Boxed(Box::new(t)))
+        }
+    }
+
+    /// The translation, if it is a `T` (checked for boxed ones only).
+    ///
+    /// # Safety
+    /// `T` is the type the translation was made from ([`ErasedTranslation::new`]): the
+    /// device's backend's translation type, which a typed `Device<B>` guarantees.
+    pub(crate) unsafe fn get<T: 'static>(&self) -> Option<&T> {
+        match &self.0 {
+            // SAFETY: new::<T> wrote a T there (caller's contract).
+            Repr::Inline(words) if inline::<T>() => Some(unsafe { &*words.as_ptr().cast::<T>() }),
+            Repr::Inline(_) => None,
+            Repr::Boxed(b) => b.downcast_ref::<T>(),
+        }
+    }
+
+    /// The translation by value.
+    ///
+    /// # Safety
+    /// As for [`ErasedTranslation::get`].
+    unsafe fn into_inner<T: 'static>(self) -> Option<T> {
+        match self.0 {
+            Repr::Inline(words) if inline::<T>() => {
+                // SAFETY: new::<T> wrote a T there (caller's contract); moved out once.
+                Some(unsafe { words.as_ptr().cast::<T>().read() })
+            }
+            Repr::Inline(_) => None,
+            Repr::Boxed(b) => b.downcast::<T>().ok().map(|b| *b),
+        }
+    }
+}
 
 /// Object-safe view of a [`Backend`], so devices of different types share one manager.
 pub(crate) trait ErasedBackend: Send + Sync {
@@ -154,17 +212,63 @@ impl<B: Backend> ErasedBackend for B {
     }
 
     fn register(&self, range: Range) -> Result<ErasedTranslation, BackendError> {
-        Backend::register(self, range).map(|t| Box::new(t) as ErasedTranslation)
+        Backend::register(self, range).map(ErasedTranslation::new)
     }
 
     fn deregister(&self, range: Range, translation: ErasedTranslation) -> Result<(), BackendError> {
-        match translation.downcast::<B::Translation>() {
-            Ok(t) => Backend::deregister(self, range, *t),
-            // Unreachable by construction: a device only ever stores its own translations.
-            Err(_) => Err(BackendError::new(
+        // SAFETY: a device only ever stores translations its own backend (B) made.
+        match unsafe { translation.into_inner::<B::Translation>() } {
+            Some(t) => Backend::deregister(self, range, t),
+            // Unreachable by construction (see above).
+            None => Err(BackendError::new(
                 BackendErrorKind::Other,
                 "translation of a foreign type",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translations_round_trip_inline_and_boxed() {
+        #[derive(Debug, PartialEq)]
+        struct Keys {
+            lkey: u32,
+            rkey: u32,
+            addr: u64,
+        }
+        let small = ErasedTranslation::new(Keys {
+            lkey: 1,
+            rkey: 2,
+            addr: 3,
+        });
+        assert!(matches!(small.0, Repr::Inline(_)));
+        // SAFETY: made from a Keys just above.
+        assert_eq!(unsafe { small.get::<Keys>() }.map(|k| k.rkey), Some(2));
+        // SAFETY: as above.
+        let back = unsafe { small.into_inner::<Keys>() };
+        assert_eq!(
+            back,
+            Some(Keys {
+                lkey: 1,
+                rkey: 2,
+                addr: 3
+            })
+        );
+        // Three words, or a destructor: boxed, and checked.
+        let big = ErasedTranslation::new([7u64; 3]);
+        assert!(matches!(big.0, Repr::Boxed(_)));
+        // SAFETY: a mismatched boxed type is refused, not reinterpreted.
+        assert_eq!(unsafe { big.get::<u8>() }, None);
+        let owned = ErasedTranslation::new(String::from("mr"));
+        assert!(matches!(owned.0, Repr::Boxed(_)));
+        // SAFETY: made from a String just above.
+        assert_eq!(
+            unsafe { owned.into_inner::<String>() }.as_deref(),
+            Some("mr")
+        );
     }
 }

@@ -219,9 +219,11 @@ impl<M: Deref<Target = Manager>> Pinned<M> {
     /// [`offset`](Pinned::offset) to reach the pin's range.
     pub fn translation<B: Backend>(&self, device: Device<B>) -> Option<&B::Translation> {
         let hold = self.hold(device.id)?;
-        // SAFETY: this pin holds a reference taken while the entry was LIVE.
-        let p = unsafe { hold.published() }?;
-        p.translation.downcast_ref::<B::Translation>()
+        // SAFETY: this pin holds a reference taken while the entry was LIVE; the entry is
+        // the device's (`hold` matched the manager and the index), and a `Device<B>` is
+        // only ever handed out for a device whose backend is `B`, so the translation is a
+        // `B::Translation`.
+        unsafe { hold.published()?.translation.get::<B::Translation>() }
     }
 
     /// Which registration of the device serves this pin: unique per registration in this
