@@ -266,9 +266,7 @@ mod tests {
         let owned = ErasedTranslation::new(String::from("mr"));
         assert!(matches!(owned.0, Repr::Boxed(_)));
         // SAFETY: made from a String just above.
-        assert_eq!(
-            unsafe { owned.into_inner::<String>() }.as_deref(),
-            Some("mr")
-        );
+        let owned = unsafe { owned.into_inner::<String>() };
+        assert_eq!(owned.as_deref(), Some("mr"));
     }
 }
