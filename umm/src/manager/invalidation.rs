@@ -109,7 +109,7 @@ impl Manager {
             dev.applied.fetch_max(target, Ordering::SeqCst);
         }
         while let Some(e) = dev.releases.pop() {
-            self.reclaim(dev, st, e);
+            self.reclaim(st, e);
         }
     }
 

@@ -7,28 +7,10 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::entry::{EntryRef, INVALID, LIVE};
-use crate::range::Range;
-use crate::source::NotifierSource;
-
 use super::device::{DeviceSlot, DeviceState, Locked};
+use super::registrar::Watches;
 use super::Manager;
-
-/// Unwatches one deregistered entry on every source, on every path (a panicking backend
-/// included).
-struct Unwatch<'a> {
-    sources: &'a [Arc<dyn NotifierSource>],
-    id: u64,
-    range: Range,
-}
-
-impl Drop for Unwatch<'_> {
-    fn drop(&mut self) {
-        for s in self.sources {
-            s.unwatch(self.id, self.range);
-        }
-    }
-}
+use crate::entry::{EntryRef, INVALID, LIVE};
 
 impl Manager {
     /// The slow release path of an entry that was not `LIVE` when a reference dropped (or
@@ -36,13 +18,13 @@ impl Manager {
     #[cold]
     pub(super) fn slow_release(&self, dev: &DeviceSlot, e: EntryRef) {
         match Locked::try_lock(self, dev, true) {
-            Some(mut locked) => self.reclaim(dev, locked.st(), e),
+            Some(mut locked) => self.reclaim(locked.st(), e),
             None => {
                 if dev.releases.push(e).is_err() {
                     // Queue full: wait for the lock. Inside one of this device's own
                     // backend calls we cannot; the entry is then found by `flush`.
                     if let Ok(mut locked) = Locked::lock(self, dev, true) {
-                        self.reclaim(dev, locked.st(), e);
+                        self.reclaim(locked.st(), e);
                     }
                 }
             }
@@ -51,7 +33,7 @@ impl Manager {
 
     /// After a reference to `e` dropped: an invalid entry with no reference left is
     /// doomed (once); a parked live entry with no reference left returns to the LRU.
-    pub(super) fn reclaim(&self, _dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+    pub(super) fn reclaim(&self, st: &mut DeviceState, e: EntryRef) {
         match e.state() {
             INVALID if e.refs() == 0 => {
                 // SAFETY: writer lock held.
@@ -99,10 +81,12 @@ impl Manager {
             c.registered_bytes
                 .fetch_sub(range.len() as u64, Ordering::Relaxed);
             c.registered_entries.fetch_sub(1, Ordering::Relaxed);
-            let _unwatch = Unwatch {
+            // Unwatched on every path, a panicking backend included.
+            let _unwatch = Watches {
                 sources: &sources,
-                id,
+                cookie: id,
                 range,
+                made: sources.len(),
             };
             if let Some(t) = translation {
                 self.deregister(dev, range, t);
@@ -183,7 +167,7 @@ impl Manager {
             // Parked entries may have been released while the flag was down: back to the LRU.
             let parked: Vec<EntryRef> = st.parked.values().copied().collect();
             for e in parked {
-                self.reclaim(dev, st, e);
+                self.reclaim(st, e);
             }
         }
         self.evict_lru(dev, st, |_| !over());
@@ -223,7 +207,7 @@ impl Manager {
             self.clean_old(dev, st, usize::MAX);
             let stale: Vec<EntryRef> = st.stale.values().copied().collect();
             for e in stale {
-                self.reclaim(dev, st, e);
+                self.reclaim(st, e);
             }
             self.reap(dev, st);
             self.enforce_limits(dev, st);

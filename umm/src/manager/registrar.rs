@@ -40,12 +40,13 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Watches made for one registration; undone on drop unless the registration succeeded.
-struct Watches<'a> {
-    sources: &'a [Arc<dyn NotifierSource>],
-    cookie: u64,
-    range: Range,
-    made: usize,
+/// The first `made` sources' watches of one registration, undone on drop (on every path:
+/// a failed or panicking registration, an undone one, a deregistered entry).
+pub(super) struct Watches<'a> {
+    pub sources: &'a [Arc<dyn NotifierSource>],
+    pub cookie: u64,
+    pub range: Range,
+    pub made: usize,
 }
 
 impl Drop for Watches<'_> {
