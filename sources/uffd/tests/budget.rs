@@ -4,13 +4,13 @@
 //! Each test binary is its own process, so the VMA counts here are this file's alone;
 //! the tests run one at a time.
 
-use std::sync::Arc;
+mod common;
+
+use common::source;
 
 use umm::testing::RecordingBackend;
 use umm::{Manager, Range};
-use umm_uffd::{Options, UffdError, UffdSource};
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+use umm_uffd::{Options, UffdError};
 
 fn max_map_count() -> usize {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")
@@ -24,16 +24,6 @@ fn map_count() -> usize {
         .unwrap()
         .lines()
         .count()
-}
-
-fn source(options: Options) -> Option<Arc<UffdSource>> {
-    match UffdSource::new(options) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            eprintln!("SKIP: userfaultfd not usable here: {e}");
-            None
-        }
-    }
 }
 
 fn map(len: usize) -> usize {
@@ -149,7 +139,7 @@ fn pins_two_pages_apart(options: Options, n: usize) -> Option<usize> {
 
 #[test]
 fn watches_two_pages_apart_are_coalesced_and_never_exhaust_the_vma_limit() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let n = max_map_count() * 5 / 8; // 40,956 with the default limit: past it, today
     let Some(ok) = pins_two_pages_apart(Options::default(), n) else {
         return;
@@ -159,7 +149,7 @@ fn watches_two_pages_apart_are_coalesced_and_never_exhaust_the_vma_limit() {
 
 #[test]
 fn exact_watches_two_pages_apart_are_refused_typed_well_below_the_vma_limit() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     // Exact registrations: every watch splits its VMA twice, so the budget must refuse.
     let options = Options {
         span: 0,

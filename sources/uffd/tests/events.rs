@@ -2,43 +2,15 @@
 //! watchdog that fails the test instead of hanging; without userfaultfd the tests print a
 //! skip reason.
 
+mod common;
+
+use common::{source, within};
+
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use umm::{InvalidationSink, NotifierSource, Range};
 use umm_uffd::{Options, UffdError, UffdSource};
-
-const LIMIT: Duration = Duration::from_secs(20);
-
-/// Runs `f` on its own thread; fails the test if it does not finish within [`LIMIT`].
-/// Tests of this binary run one at a time: each makes its own source, and a source
-/// registers whole spans of the VMA around a watch, which another test's adjacent (merged)
-/// anonymous mapping can share: its registration would then fail with EBUSY.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {LIMIT:?} (hang)"),
-    }
-}
-
-fn source() -> Option<Arc<UffdSource>> {
-    match UffdSource::new(Options::default()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            eprintln!("SKIP: userfaultfd not usable here: {e}");
-            None
-        }
-    }
-}
 
 #[derive(Default)]
 struct Log(Mutex<Vec<Range>>, Mutex<usize>);
@@ -91,8 +63,10 @@ fn drained(s: &UffdSource) -> Vec<Range> {
 
 #[test]
 fn munmap_whole_and_part_are_reported_before_munmap_returns_or_just_after() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(4);
     touch(r);
     s.watch(1, r).unwrap();
@@ -121,8 +95,10 @@ fn munmap_whole_and_part_are_reported_before_munmap_returns_or_just_after() {
 
 #[test]
 fn madvise_dontneed_is_reported_and_refaulting_does_not_hang() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(8);
     touch(r);
     s.watch(7, r).unwrap();
@@ -145,8 +121,10 @@ fn madvise_dontneed_is_reported_and_refaulting_does_not_hang() {
 
 #[test]
 fn mremap_move_reports_the_old_place() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(4);
     touch(r);
     s.watch(3, r).unwrap();
@@ -177,8 +155,10 @@ fn mremap_move_reports_the_old_place() {
 
 #[test]
 fn overlapping_watches_keep_the_registration_until_the_last_unwatch() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(_) = source() else { return };
+    let _serial = common::serial();
+    let Some(_) = source(Options::default()) else {
+        return;
+    };
     // Exact registrations (no widening), so the pages of each watch are all there is.
     let s = UffdSource::new(Options {
         span: 0,
@@ -207,8 +187,10 @@ fn overlapping_watches_keep_the_registration_until_the_last_unwatch() {
 
 #[test]
 fn watches_in_one_small_vma_share_its_whole_registration() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let page = umm::page_size();
     let r = map(8);
     let one = move |i: usize| Range::new(r.start() + i * page, page).unwrap();
@@ -238,8 +220,10 @@ fn watches_in_one_small_vma_share_its_whole_registration() {
 
 #[test]
 fn fork_child_is_not_covered_and_never_hangs() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(4);
     touch(r);
     s.watch(5, r).unwrap();
@@ -273,8 +257,10 @@ fn fork_child_is_not_covered_and_never_hangs() {
 
 #[test]
 fn dropping_the_source_leaves_no_thread_blocked() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(2);
     s.watch(1, r).unwrap();
     within("dropping the source", move || drop(s));
@@ -286,8 +272,10 @@ fn dropping_the_source_leaves_no_thread_blocked() {
 
 #[test]
 fn sysv_shm_is_refused_in_strict_mode_and_counted_otherwise() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let lax = UffdSource::new(Options {
         strict: false,
         ..Options::default()
@@ -323,8 +311,10 @@ fn sysv_shm_is_refused_in_strict_mode_and_counted_otherwise() {
 
 #[test]
 fn ring_overflow_invalidates_everything_once() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(_) = source() else { return };
+    let _serial = common::serial();
+    let Some(_) = source(Options::default()) else {
+        return;
+    };
     let s = UffdSource::new(Options {
         ring_capacity: 2,
         ..Options::default()

@@ -4,36 +4,15 @@
 //! Each scenario runs in its own test process (integration test binary) under a
 //! watchdog; the child does only what the scenario needs, then `_exit`s.
 
-use std::sync::{mpsc, Arc};
+mod common;
+
+use common::{source, within, LIMIT};
+
 use std::time::{Duration, Instant};
 
 use umm::testing::RecordingBackend;
 use umm::{InvalidationSink, Manager, NotifierSource, Range};
 use umm_uffd::{Options, UffdSource};
-
-const LIMIT: Duration = Duration::from_secs(20);
-
-/// The scenarios fork: one at a time, so no child inherits another test's half-done state.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("{what}: did not finish within {LIMIT:?} (hang)"))
-}
-
-fn source() -> Option<Arc<UffdSource>> {
-    match UffdSource::new(Options::default()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            eprintln!("SKIP: userfaultfd not usable here: {e}");
-            None
-        }
-    }
-}
 
 fn map(pages: usize) -> Range {
     let len = pages * umm::page_size();
@@ -124,8 +103,10 @@ fn parent_munmap_is_reported(s: &UffdSource, r: Range, drain: bool) -> u64 {
 
 #[test]
 fn child_dropping_its_copy_of_the_source_leaves_the_parent_reader_running() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(4);
     s.watch(1, r).unwrap();
     let mut only = Some(s);
@@ -139,8 +120,10 @@ fn child_dropping_its_copy_of_the_source_leaves_the_parent_reader_running() {
 
 #[test]
 fn child_dropping_its_copy_of_a_manager_leaves_the_parent_covered() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let manager = Manager::default();
     let dev = manager.attach(RecordingBackend::new("rec")).unwrap();
     manager.add_source(s.clone()).unwrap();
@@ -169,8 +152,10 @@ fn child_dropping_its_copy_of_a_manager_leaves_the_parent_covered() {
 
 #[test]
 fn child_unwatching_does_not_unregister_the_parents_range() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(4);
     s.watch(9, r).unwrap();
     in_child(|| {
@@ -183,8 +168,10 @@ fn child_unwatching_does_not_unregister_the_parents_range() {
 
 #[test]
 fn child_detaching_leaves_the_parent_covered() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let manager = Manager::default();
     manager.add_source(s.clone()).unwrap();
     let id = manager.id();
@@ -201,8 +188,10 @@ fn child_detaching_leaves_the_parent_covered() {
 
 #[test]
 fn parent_dropping_the_source_while_a_child_lives_leaves_no_munmap_blocked() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = source() else { return };
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
     let r = map(4);
     s.watch(2, r).unwrap();
     let mut fds = [0; 2];

@@ -2,26 +2,17 @@
 //! scenario on anonymous memory, and a backend whose `register` unmaps watched memory.
 //! Every blocking step runs under a watchdog that fails the test instead of hanging.
 
+mod common;
+
+use common::{source, within_limit};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use umm::testing::RecordingBackend;
 use umm::{Manager, Range};
-use umm_uffd::{Options, UffdSource};
-
-/// The tests re-map freed addresses with MAP_FIXED (the seed scenario): run one at a time,
-/// or one test's MAP_FIXED could land on memory the other just mapped at that address.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("{what}: did not finish within 30 s (hang)"))
-}
+use umm_uffd::Options;
 
 fn map_at(at: usize, len: usize, byte: u8) -> usize {
     let fixed = if at == 0 { 0 } else { libc::MAP_FIXED };
@@ -42,21 +33,13 @@ fn map_at(at: usize, len: usize, byte: u8) -> usize {
     p as usize
 }
 
-fn source() -> Option<Arc<UffdSource>> {
-    match UffdSource::new(Options::default()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            eprintln!("SKIP: userfaultfd not usable here: {e}");
-            None
-        }
-    }
-}
-
 #[test]
 fn seed_scenario_second_pin_is_a_fresh_registration() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(source) = source() else { return };
-    within("seed scenario", move || {
+    let _serial = common::serial();
+    let Some(source) = source(Options::default()) else {
+        return;
+    };
+    within_limit("seed scenario", Duration::from_secs(30), move || {
         let manager = Manager::default();
         let backend = RecordingBackend::new("rec");
         let ledger = backend.ledger();
@@ -93,10 +76,13 @@ fn seed_scenario_second_pin_is_a_fresh_registration() {
 
 #[test]
 fn register_that_unmaps_watched_memory_does_not_deadlock() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(source) = source() else { return };
-    within(
+    let _serial = common::serial();
+    let Some(source) = source(Options::default()) else {
+        return;
+    };
+    within_limit(
         "pins whose register() unmaps a watched, registered range",
+        Duration::from_secs(30),
         move || {
             let manager = Manager::default();
             let len = 16 * umm::page_size();
@@ -162,8 +148,10 @@ fn register_that_unmaps_watched_memory_does_not_deadlock() {
 
 #[test]
 fn a_second_manager_is_refused_until_the_first_detaches() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(source) = source() else { return };
+    let _serial = common::serial();
+    let Some(source) = source(Options::default()) else {
+        return;
+    };
     let first = Manager::default();
     let second = Manager::default();
     first.add_source(source.clone()).unwrap();

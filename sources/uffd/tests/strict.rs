@@ -3,27 +3,15 @@
 //! shmdt) and memory userfaultfd cannot register (regular file mappings) is refused,
 //! typed, naming the mapping and what the source cannot see. Non-strict accepts shmem.
 
+mod common;
+
+use common::source;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
 
 use umm::testing::RecordingBackend;
 use umm::{Manager, NotifierSource, Range};
-use umm_uffd::{Options, UffdError, UffdSource};
-
-/// Tests of this binary run one at a time: each makes its own source, and a source
-/// registers whole spans of the VMA around a watch, which another test's adjacent (merged)
-/// anonymous mapping can share: its registration would then fail with EBUSY.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn source(options: Options) -> Option<Arc<UffdSource>> {
-    match UffdSource::new(options) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            eprintln!("SKIP: userfaultfd not usable here: {e}");
-            None
-        }
-    }
-}
+use umm_uffd::{Options, UffdError};
 
 /// A `len`-byte memfd mapped MAP_SHARED (the descriptor stays open: hole punches could
 /// come through it).
@@ -78,7 +66,7 @@ fn unmap(r: Range) {
 
 #[test]
 fn memfd_shared_pin_is_refused_naming_the_hole_punch_private_anonymous_still_pins() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let Some(s) = source(Options::default()) else {
         return;
     };
@@ -123,7 +111,7 @@ fn memfd_shared_pin_is_refused_naming_the_hole_punch_private_anonymous_still_pin
 
 #[test]
 fn non_strict_accepts_memfd_shared_and_still_sees_its_munmap() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let Some(s) = source(Options {
         strict: false,
         ..Options::default()
@@ -150,7 +138,7 @@ fn non_strict_accepts_memfd_shared_and_still_sees_its_munmap() {
 /// names the mapping (with its path) and the cause, not a bare EINVAL.
 #[test]
 fn file_shared_mapping_is_refused_naming_the_file_and_the_cause() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let Some(s) = source(Options::default()) else {
         return;
     };
@@ -227,7 +215,7 @@ fn file_shared_mapping_is_refused_naming_the_file_and_the_cause() {
 /// the guest's 6.1) as with PROCMAP_QUERY.
 #[test]
 fn maps_parsing_classifies_like_procmap_query() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let Some(q) = source(Options::default()) else {
         return;
     };
