@@ -267,6 +267,14 @@ impl RadixIndex {
         self.update(start, end, &|cur| (cur == tagged).then_some(0));
     }
 
+    /// Points the pages of `[start, end)` that point at `old` at `new` instead (never
+    /// through an empty slot: a lock-free reader sees one entry or the other). Caller holds
+    /// the lock.
+    pub(crate) fn replace(&self, start: usize, end: usize, old: usize, new: usize) {
+        let (old, new) = (old | ENTRY_TAG, new | ENTRY_TAG);
+        self.update(start, end, &|cur| (cur == old).then_some(new));
+    }
+
     /// Points the empty pages of `[start, end)` at `entry`. Caller holds the lock.
     pub(crate) fn fill_empty(&self, start: usize, end: usize, entry: usize) {
         let tagged = entry | ENTRY_TAG;

@@ -228,15 +228,17 @@ impl Manager {
         if st.live.remove(&(range.start(), id)).is_some() {
             dev.counters.cached_entries.fetch_sub(1, Ordering::Relaxed);
         }
-        dev.index.remove(range.start(), range.end(), e.to_raw());
-        for other in overlapping(&st.live, st.max_len, &range) {
+        // The live entries it shadowed take its pages over *before* it leaves the index: a
+        // page a live entry covers is never empty, even for an instant, so a lock-free
+        // `record` never misses that entry (it would drop the invalidation).
+        let shadowed = overlapping(&st.live, st.max_len, &range);
+        for other in &shadowed {
             // SAFETY: writer lock held.
             let r = unsafe { other.writer() }.range;
-            dev.index.fill_empty(
-                r.start().max(range.start()),
-                r.end().min(range.end()),
-                other.to_raw(),
-            );
+            let (lo, hi) = (r.start().max(range.start()), r.end().min(range.end()));
+            dev.index.replace(lo, hi, e.to_raw(), other.to_raw());
+            dev.index.fill_empty(lo, hi, other.to_raw());
         }
+        dev.index.remove(range.start(), range.end(), e.to_raw());
     }
 }
