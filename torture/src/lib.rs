@@ -832,7 +832,11 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
             });
             installation = Some(umm_interpose::install(hook).map_err(|e| setup(&e))?);
         } else {
-            let s = umm_interpose::InterposeSource::install(&manager).map_err(|e| setup(&e))?;
+            // The driver makes raw memory syscalls only in op sets that name them (the
+            // interposition default excludes them): it declares libc_only.
+            let options = umm_interpose::Options::libc_only();
+            let s = umm_interpose::InterposeSource::install_with(&manager, options)
+                .map_err(|e| setup(&e))?;
             manager.add_source(s).map_err(|e| setup(&e))?;
         }
     }

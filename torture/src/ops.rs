@@ -215,19 +215,14 @@ impl fmt::Display for SourceKind {
 /// today's main, and that it does not refuse either (issue 11 item 6): exercising them would
 /// only re-find the known gap. Remove entries here as the strict modes land (a source then
 /// refuses the memory, which the driver accepts).
-const UFFD_BLIND: &[OpKind] = &[
-    OpKind::PunchHole,
-    OpKind::Ftruncate,
-    OpKind::ShmatRemap,
-    OpKind::ForkCow,
-];
+const UFFD_BLIND: &[OpKind] = &[OpKind::PunchHole, OpKind::Ftruncate, OpKind::ShmatRemap];
 
-/// The same for interposition: also glibc's internal unmaps (free, trim) and raw syscalls.
+/// The same for interposition: also glibc's internal unmaps (free, trim) and raw syscalls
+/// (the driver declares `libc_only`, so strict interposition accepts its memory).
 const INTERPOSE_BLIND: &[OpKind] = &[
     OpKind::PunchHole,
     OpKind::Ftruncate,
     OpKind::ShmatRemap,
-    OpKind::ForkCow,
     OpKind::RawSyscall,
     OpKind::HeapMalloc,
     OpKind::HeapFree,

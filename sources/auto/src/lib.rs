@@ -4,9 +4,11 @@
 //!
 //! 1. the **kernel module** (`umm-kmod`, `/dev/umm_notify`): catches every operation that
 //!    replaces pages, including `free()`, `shmdt`, raw syscalls and COW breaks after `fork`;
-//! 2. **userfaultfd** (`umm-uffd`): no module needed, misses COW breaks and refuses SysV shm;
+//! 2. **userfaultfd** (`umm-uffd`): no module needed; refuses SysV shm and shared file/shmem
+//!    mappings (it cannot see hole punches there), invalidates everything at each `fork`;
 //! 3. **interposition** (`umm-interpose`): hooks on libc's `munmap`/`mremap`/`madvise`/...
-//!    in this process; misses what does not go through those symbols.
+//!    in this process; cannot see raw system calls, so in strict mode it refuses every pin
+//!    until the application declares `UMM_INTERPOSE_LIBC_ONLY=1`.
 //!
 //! [`probe`] says which of them work here and, for those that do not, why and how to fix it.
 //! [`add_best_source`] adds the best working one (or the one `UMM_SOURCE` names) to a
@@ -26,6 +28,9 @@
 //! * `UMM_SOURCE=auto|kmod|uffd|interpose|none`: `auto` (default) takes the best working
 //!   source; a named one is required (its failure is an error, not a fallback); `none` adds
 //!   no source (the application invalidates by itself with `Manager::invalidate`).
+//! * `UMM_INTERPOSE_LIBC_ONLY=1`: the application declares that it makes no raw memory
+//!   system calls, so the interposition source accepts pins (strict interposition refuses
+//!   every pin without it; see `umm_interpose::Options`).
 //! * `UMM_STATS_EXPORT=1`: [`add_best_source`] also starts `Manager::export_stats`, so
 //!   `umm stats <pid>` can read the process's counters; the [`Choice`] holds the export.
 
@@ -180,8 +185,25 @@ pub fn probe_one(kind: SourceKind) -> SourceStatus {
             Err(e) => uffd_unavailable(&e),
         },
         SourceKind::Interpose => {
-            if umm_interpose::hooks_present() {
-                ok(kind, "libc hooks present in this process".into())
+            if umm_interpose::hooks_present() && umm_interpose::Options::from_env().libc_only {
+                ok(
+                    kind,
+                    "libc hooks present in this process (UMM_INTERPOSE_LIBC_ONLY=1)".into(),
+                )
+            } else if umm_interpose::hooks_present() {
+                SourceStatus {
+                    kind,
+                    available: false,
+                    detail: "libc hooks present, but they cannot see raw munmap/mremap/madvise/\
+                             mmap system calls, so strict interposition refuses every pin"
+                        .into(),
+                    fix: Some(
+                        "set UMM_INTERPOSE_LIBC_ONLY=1 if this program makes no raw memory \
+                         system calls (no static or Go code doing them), or load the kernel \
+                         module / allow userfaultfd"
+                            .into(),
+                    ),
+                }
             } else {
                 SourceStatus {
                     kind,
@@ -401,13 +423,10 @@ const MATRIX: &[(&str, [Verdict; 3])] = {
         ("free() of a 4 MiB malloc block", [Caught, Caught, Caught]),
         ("sbrk shrink of the heap top", [Caught, Caught, Caught]),
         ("shmdt of a SysV segment", [Caught, Refused, Caught]),
-        (
-            "fork + parent write (COW break)",
-            [Caught, NotCaught, NotCaught],
-        ),
+        ("fork + parent write (COW break)", [Caught, Caught, Caught]),
         (
             "syscall(SYS_munmap) (raw, as in a static binary)",
-            [Caught, Caught, NotCaught],
+            [Caught, Caught, Refused],
         ),
         ("munmap from another thread", [Caught, Caught, Caught]),
         ("mremap(MREMAP_DONTUNMAP)", [Refused, Refused, Caught]),
@@ -583,9 +602,21 @@ pub fn add_source_with(manager: &Arc<Manager>, pref: Preference) -> Result<Choic
             SourceKind::Uffd => umm_uffd::UffdSource::new(umm_uffd::Options::default())
                 .map_err(|e| uffd_unavailable(&e))
                 .map(|s| manager.add_source(s)),
-            SourceKind::Interpose => umm_interpose::InterposeSource::install(manager)
-                .map_err(|_| probe_one(SourceKind::Interpose))
-                .map(|s| manager.add_source(s)),
+            SourceKind::Interpose => {
+                // Without the libc_only declaration every pin would be refused: the
+                // source counts as unavailable (the status says how to declare it).
+                let status = probe_one(SourceKind::Interpose);
+                if status.available {
+                    umm_interpose::InterposeSource::install_with(
+                        manager,
+                        umm_interpose::Options::from_env(),
+                    )
+                    .map_err(|_| probe_one(SourceKind::Interpose))
+                    .map(|s| manager.add_source(s))
+                } else {
+                    Err(status)
+                }
+            }
         };
         match added {
             Ok(Ok(())) => {

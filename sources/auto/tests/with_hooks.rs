@@ -1,4 +1,6 @@
-//! In a binary that exports the interposition hooks, `UMM_SOURCE=interpose` adds them.
+//! In a binary that exports the interposition hooks, `UMM_SOURCE=interpose` adds them
+//! once the application declares `UMM_INTERPOSE_LIBC_ONLY=1` (one test: it sets the
+//! variable).
 
 umm_interpose::export_hooks!();
 
@@ -8,7 +10,18 @@ use umm::{testing::RecordingBackend, Manager, Range};
 use umm_auto::{add_source_with, probe_one, Preference, SourceKind};
 
 #[test]
-fn interposition_is_available_and_catches_munmap() {
+fn interposition_is_available_once_declared_and_catches_munmap() {
+    // Undeclared: strict interposition would refuse every pin, so it is unavailable and
+    // says how to declare it.
+    std::env::remove_var("UMM_INTERPOSE_LIBC_ONLY");
+    let status = probe_one(SourceKind::Interpose);
+    assert!(!status.available, "{status}");
+    assert!(status.fix.unwrap().contains("UMM_INTERPOSE_LIBC_ONLY=1"));
+    let m = Arc::new(Manager::default());
+    assert!(add_source_with(&m, Preference::Only(SourceKind::Interpose)).is_err());
+    drop(m);
+    // The only test of this binary: nothing else reads the environment meanwhile.
+    std::env::set_var("UMM_INTERPOSE_LIBC_ONLY", "1");
     let status = probe_one(SourceKind::Interpose);
     assert!(status.available, "{status}");
     let m = Arc::new(Manager::default());

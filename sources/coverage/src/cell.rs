@@ -16,6 +16,9 @@ use crate::{columns, ColumnSpec, CoverageError};
 pub fn run_cell(spec: &ColumnSpec, scenario: &Scenario) -> Result<Verdict, CoverageError> {
     let probe = Probe::new();
     let mut col = (spec.make)();
+    // A raw system call bypasses every hook: that row shows what strict interposition
+    // does without the application's `libc_only` declaration (refuses the pin).
+    col.libc_only(scenario.id != crate::scenario::RAW_SYSCALL_MUNMAP);
     col.start(probe.clone())?;
     let cx = Ctx {
         col: col.as_ref(),

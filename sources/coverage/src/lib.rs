@@ -123,6 +123,13 @@ pub trait Column {
     fn mark(&self) -> u64;
     /// Makes every recorded event visible to the probe (drains a ring source).
     fn settle(&self);
+    /// For interposition: whether the application declares `libc_only` (no raw memory
+    /// system calls; see `umm_interpose::Options`). The raw-syscall row runs undeclared:
+    /// without the declaration strict interposition refuses every watch. Other sources
+    /// ignore it.
+    fn libc_only(&mut self, declared: bool) {
+        let _ = declared;
+    }
     /// Connects the source to `manager` instead (for the seed and stress runs).
     fn attach(&mut self, manager: &Arc<umm::Manager>) -> Result<(), CoverageError>;
 }
@@ -332,11 +339,24 @@ impl Column for NotifierColumn {
 
 /// The interposition hooks as a column (in-process or preloaded: the same code, the
 /// binary and `LD_PRELOAD` decide which hooks exist).
-#[derive(Default)]
 pub struct InterposeColumn {
     installation: Option<umm_interpose::Installation>,
     source: Option<Arc<umm_interpose::InterposeSource>>,
     probe: Option<Arc<Probe>>,
+    options: umm_interpose::Options,
+}
+
+impl Default for InterposeColumn {
+    /// Strict, with `libc_only` declared (without it every watch is refused; the
+    /// raw-syscall row shows that, see [`Column::libc_only`]).
+    fn default() -> Self {
+        InterposeColumn {
+            installation: None,
+            source: None,
+            probe: None,
+            options: umm_interpose::Options::libc_only(),
+        }
+    }
 }
 
 /// Checks that some hook reports a fresh mapping's munmap to `probe`.
@@ -379,8 +399,8 @@ impl Column for InterposeColumn {
     }
 
     fn watch(&self, range: Range) -> Result<(), String> {
-        // What `InterposeSource::watch` does in strict mode (the default).
-        umm_interpose::coverage(range).map_err(|e| e.to_string())
+        // What `InterposeSource::watch` does with these options.
+        self.options.check(range).map_err(|e| e.to_string())
     }
 
     fn unwatch(&self, _range: Range) {}
@@ -395,13 +415,22 @@ impl Column for InterposeColumn {
 
     fn settle(&self) {}
 
+    fn libc_only(&mut self, declared: bool) {
+        self.options = if declared {
+            umm_interpose::Options::libc_only()
+        } else {
+            umm_interpose::Options::default()
+        };
+    }
+
     fn attach(&mut self, manager: &Arc<umm::Manager>) -> Result<(), CoverageError> {
-        let source = umm_interpose::InterposeSource::install(manager).map_err(|e| {
-            CoverageError::Unavailable {
-                column: "interpose",
-                reason: e.to_string(),
-            }
-        })?;
+        let source =
+            umm_interpose::InterposeSource::install_with(manager, self.options).map_err(|e| {
+                CoverageError::Unavailable {
+                    column: "interpose",
+                    reason: e.to_string(),
+                }
+            })?;
         manager
             .add_source(source.clone())
             .map_err(|e| CoverageError::Unavailable {

@@ -332,6 +332,9 @@ fn fork_cow_break(cx: &Ctx) -> Result<Verdict, String> {
     Ok(v)
 }
 
+/// The id of the raw `syscall(SYS_munmap)` row.
+pub const RAW_SYSCALL_MUNMAP: &str = "raw_syscall_munmap";
+
 fn raw_syscall_munmap(cx: &Ctx) -> Result<Verdict, String> {
     let len = PAGES * page();
     let p = anon(len)?;
@@ -669,7 +672,7 @@ pub const SCENARIOS: &[Scenario] = &[
         run: fork_cow_break,
     },
     Scenario {
-        id: "raw_syscall_munmap",
+        id: RAW_SYSCALL_MUNMAP,
         title: "syscall(SYS_munmap) (raw, as in a static binary)",
         run: raw_syscall_munmap,
     },

@@ -67,7 +67,7 @@ impl Expect {
     }
 }
 
-use Expect::{Caught as C, Missed as M, Refused as R, Safe as S};
+use Expect::{Caught as C, Refused as R, Safe as S};
 
 /// The expected matrix: (scenario, [userfaultfd, in-process hooks, LD_PRELOAD hooks,
 /// kernel module]). A change in what a source catches fails `tests/matrix.rs` (host
@@ -86,11 +86,14 @@ pub const EXPECTED: &[(&str, [Expect; 4])] = &[
     ("brk_shrink", [C, C, C, C]),
     // SysV shm cannot be registered with userfaultfd (EINVAL).
     ("shmdt", [R, C, C, C]),
-    // Nothing is unmapped: the parent's pages are replaced by copies. Only an MMU
-    // notifier sees it (and pinned pages are copied to the child at fork instead).
-    ("fork_cow_break", [M, M, M, C]),
-    // A raw system call (a static binary) bypasses every symbol.
-    ("raw_syscall_munmap", [C, M, M, C]),
+    // Nothing is unmapped: the parent's pages are replaced by copies on its next write.
+    // The MMU notifier reports the fork itself; userfaultfd and the hooks learn of it
+    // from a pthread_atfork parent handler, before fork() returns in the parent.
+    ("fork_cow_break", [C, C, C, C]),
+    // A raw system call (a static binary) bypasses every symbol: strict interposition
+    // refuses every pin until the application declares libc_only (this row runs
+    // undeclared; every other row of the interposition columns runs declared).
+    ("raw_syscall_munmap", [C, R, R, C]),
     ("munmap_other_thread", [C, C, C, C]),
     // Caught on the host's kernel (6.18); the guest's 6.1 refuses the call on memory
     // registered with userfaultfd (EINVAL) or under an MMU interval notifier (EAGAIN).
@@ -209,7 +212,14 @@ pub fn markdown(
          operation the source cannot see): safe. \"**not caught**\" means the source \
          accepted the memory and stayed silent: a stale registration. \"by return\" means the source had recorded the event \
          before the call returned (for userfaultfd: its generation counter had moved, which \
-         is what a cache hit checks).\n"
+         is what a cache hit checks). The interposition columns run in strict mode with the \
+         application's `libc_only` declaration (`UMM_INTERPOSE_LIBC_ONLY=1`: no raw memory \
+         system calls in the process), except the raw-syscall row, which runs without it: \
+         undeclared, strict interposition refuses every pin, since a raw `munmap` it cannot \
+         see could make any registration stale. The fork row is caught by the kernel \
+         module at the fork and by userfaultfd and interposition through a \
+         `pthread_atfork` parent handler (everything is invalidated before `fork()` \
+         returns in the parent).\n"
     );
     let _ = write!(s, "| scenario |");
     for c in specs {

@@ -69,16 +69,23 @@
 //! the mapping and the operation): file and shmem mappings, `MAP_SHARED` or `MAP_PRIVATE`
 //! (a punch also drops a private mapping's not yet copied pages). Anonymous memory,
 //! shared anonymous memory and SysV shm (no descriptor to punch or truncate; `shmdt`,
-//! `shmat(SHM_REMAP)` and `madvise` are hooked) are accepted. `Options::strict(false)`
-//! accepts everything, for applications that never punch or truncate files they map.
+//! `shmat(SHM_REMAP)` and `madvise` are hooked) are accepted once the application
+//! declared [`Options::libc_only`] (below). `Options::strict(false)` accepts everything,
+//! for applications that accept both risks.
 //! Classification reads `/proc/self/maps` on the watch path (a cache miss only).
 //!
 //! Not seen at all, whatever the memory: raw `syscall(SYS_munmap, ...)` and statically
-//! linked programs (they bypass every symbol), and changes made by the kernel (fork COW
-//! break, page migration); the same operations made by another process sharing the
-//! memory. Use the kernel module (or userfaultfd for the raw system calls), or call
-//! [`umm::Manager::invalidate`] yourself (the **manual source**: an application that
-//! knows it is about to unmap or reuse memory tells the manager directly).
+//! linked code (they bypass every symbol). Since such a call can make any registration
+//! stale, strict mode refuses **every** watch until the application declares that it
+//! makes none ([`Options::libc_only`], `UMM_INTERPOSE_LIBC_ONLY=1`); the refusal names
+//! the raw system call. Also unseen: changes made by the kernel (page migration) and the
+//! same operations made by another process sharing the memory. A **fork** makes the
+//! parent's private pages copy-on-write, so that the parent's next write moves them
+//! without any call: a `pthread_atfork` parent handler reports the whole address space
+//! to the sink before `fork()` returns in the parent. Use the kernel module (or
+//! userfaultfd for the raw system calls), or call [`umm::Manager::invalidate`] yourself
+//! (the **manual source**: an application that knows it is about to unmap or reuse
+//! memory tells the manager directly).
 //!
 //! ## One manager per process
 //!
@@ -257,14 +264,26 @@ pub unsafe fn set_raw_sink(sink: Option<(RawSink, *const c_void)>) -> bool {
 /// parent's other threads never finish there, so the child's count starts again at 0
 /// (else a child that uninstalls, e.g. by dropping its copy of a manager, would wait
 /// forever).
+///
+/// In the parent, a fork makes every private page copy-on-write: the parent's next write
+/// moves that address to a new frame without any call a hook could see (the kernel's MMU
+/// notifier reports it as an invalidation at fork). So the parent handler reports the
+/// whole address space to the sink before `fork()` returns in the parent.
+/// `posix_spawn` and `vfork` share the address space and do not run the handlers; a raw
+/// `fork`/`clone` syscall skips them, as it skips every hook (see
+/// [`Options::libc_only`](Options#structfield.libc_only)).
 fn register_atfork() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     extern "C" fn child() {
         IN_FLIGHT.store(0, Ordering::SeqCst);
     }
+    extern "C" fn parent() {
+        report(0, usize::MAX);
+    }
     ONCE.call_once(|| {
-        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
-        unsafe { libc::pthread_atfork(None, None, Some(child)) };
+        // SAFETY: registers a child handler that only stores to an atomic
+        // (async-signal-safe) and a parent handler that reports like a hook.
+        unsafe { libc::pthread_atfork(None, Some(parent), Some(child)) };
     });
 }
 
@@ -386,30 +405,95 @@ impl Drop for Installation {
 }
 
 /// Options of an [`InterposeSource`].
+///
+/// ```
+/// let o = umm_interpose::Options::default();
+/// assert!(o.strict && !o.libc_only); // refuses every pin until libc_only is declared
+/// let o = umm_interpose::Options::libc_only();
+/// assert!(o.strict && o.libc_only);
+/// ```
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
 pub struct Options {
     /// Refuse ([`umm::Uncovered`]) to watch memory that operations invisible to the hooks
-    /// can change: file and shmem mappings (`MAP_SHARED` or `MAP_PRIVATE` of a file, a
-    /// memfd, `/dev/shm`), whose pages `fallocate(PUNCH_HOLE)` or `ftruncate` of the file
-    /// replace without any `munmap`. Default: on. Off, such memory is watched anyway and
-    /// a hole punch or truncation leaves a stale registration (the caller accepts that
-    /// risk, e.g. because it never punches or truncates files it maps).
+    /// can change. Default: on. Off, everything is watched and the caller accepts every
+    /// risk listed here.
+    ///
+    /// Two kinds of operations are invisible: a hole punch (`fallocate(PUNCH_HOLE)`) or
+    /// `ftruncate` of a file or shmem object replaces the pages of its mappings (file,
+    /// memfd and `/dev/shm` mappings, `MAP_SHARED` or `MAP_PRIVATE`), so such memory is
+    /// always refused in strict mode; and a `munmap`, `mremap`, `madvise` or `mmap` made
+    /// as a raw system call (`syscall(SYS_munmap, ...)`, a statically linked library, the
+    /// Go runtime, inline assembly) bypasses every hook and can make **any** memory stale,
+    /// so every watch is refused in strict mode unless the application declares
+    /// [`libc_only`](Options::libc_only).
     pub strict: bool,
+    /// The application declares that every `munmap`, `mremap`, `madvise`, `mmap`,
+    /// `shmat`, `shmdt`, `brk` and `sbrk` in the process goes through the C library's
+    /// symbols (no raw system calls, no statically linked code making them). Default:
+    /// off, and then strict mode refuses every watch (naming the raw system call), since
+    /// no hook would see such a call. Environment: `UMM_INTERPOSE_LIBC_ONLY=1`
+    /// ([`Options::from_env`]).
+    pub libc_only: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { strict: true }
+        Options {
+            strict: true,
+            libc_only: false,
+        }
     }
 }
 
 impl Options {
     /// The default options with `strict` set to `strict`.
     pub fn strict(strict: bool) -> Options {
-        Options { strict }
+        Options {
+            strict,
+            ..Options::default()
+        }
+    }
+
+    /// Strict mode for an application that declares it makes no raw memory system calls
+    /// (see [`Options::libc_only`](Options#structfield.libc_only)).
+    pub fn libc_only() -> Options {
+        Options {
+            libc_only: true,
+            ..Options::default()
+        }
+    }
+
+    /// What [`InterposeSource`]'s `watch` decides for `range` under these options: `Err`
+    /// names the operation no hook would see. Reads `/proc/self/maps` when strict and
+    /// `libc_only` (see [`coverage`]).
+    pub fn check(&self, range: Range) -> Result<(), umm::Uncovered> {
+        if !self.strict {
+            return Ok(());
+        }
+        if !self.libc_only {
+            return Err(umm::Uncovered {
+                range,
+                mapping: "any mapping (libc_only not declared)",
+                operation: RAW_SYSCALLS,
+            });
+        }
+        coverage(range)
+    }
+
+    /// The default options, with `libc_only` set when `UMM_INTERPOSE_LIBC_ONLY` is `1`
+    /// (any other value, or unset: not declared).
+    pub fn from_env() -> Options {
+        Options {
+            libc_only: std::env::var("UMM_INTERPOSE_LIBC_ONLY").is_ok_and(|v| v == "1"),
+            ..Options::default()
+        }
     }
 }
+
+/// What strict mode refuses without [`Options::libc_only`](Options#structfield.libc_only).
+pub const RAW_SYSCALLS: &str =
+    "munmap/mremap/madvise/mmap as a raw system call (static code, Go, inline syscalls)";
 
 /// Why an [`InterposeSource`] refused a manager in [`umm::NotifierSource::attach`] (the
 /// manager fails `add_source` with [`umm::Error::Source`]).
@@ -565,9 +649,7 @@ impl umm::NotifierSource for InterposeSource {
         _cookie: u64,
         range: Range,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if self.options.strict {
-            coverage(range)?;
-        }
+        self.options.check(range)?;
         self.watches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

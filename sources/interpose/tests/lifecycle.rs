@@ -172,14 +172,16 @@ fn strict_mode_refuses_file_mappings_and_non_strict_accepts_them() {
     let range = umm::Range::new(p as usize, len).unwrap();
     let anon = map(len);
     let anon_range = umm::Range::new(anon as usize, len).unwrap();
-    for strict in [true, false] {
+    for options in [
+        umm_interpose::Options::libc_only(),
+        umm_interpose::Options::strict(false),
+    ] {
+        let strict = options.strict;
         let manager = Arc::new(Manager::default());
         let dev = manager
             .attach(umm::testing::RecordingBackend::new("rec"))
             .unwrap();
-        let source =
-            InterposeSource::install_with(&manager, umm_interpose::Options::strict(strict))
-                .unwrap();
+        let source = InterposeSource::install_with(&manager, options).unwrap();
         manager.add_source(source).unwrap();
         drop(
             manager
@@ -209,4 +211,83 @@ fn strict_mode_refuses_file_mappings_and_non_strict_accepts_them() {
         libc::munmap(anon, len);
         libc::close(fd);
     }
+}
+
+/// A raw `syscall(SYS_munmap)` bypasses every hook and can make any registration stale:
+/// strict mode refuses every pin, naming the raw system call, until the application
+/// declares `libc_only` (issue 11: before, anonymous memory was accepted and a raw
+/// munmap left the registration stale silently).
+#[test]
+fn strict_mode_refuses_everything_until_libc_only_is_declared() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let len = 4 * umm::page_size();
+    let anon = map(len);
+    let range = umm::Range::new(anon as usize, len).unwrap();
+    for (options, refused) in [
+        (umm_interpose::Options::default(), true),
+        (umm_interpose::Options::libc_only(), false),
+    ] {
+        let manager = Arc::new(Manager::default());
+        let dev = manager
+            .attach(umm::testing::RecordingBackend::new("rec"))
+            .unwrap();
+        let source = InterposeSource::install_with(&manager, options).unwrap();
+        manager.add_source(source).unwrap();
+        match manager.pin(range, &[dev.id()]).map(drop) {
+            Err(umm::Error::Uncovered {
+                range: r,
+                operation,
+                ..
+            }) => {
+                assert!(refused, "libc_only refused {r}");
+                assert_eq!(r, range);
+                assert_eq!(operation, umm_interpose::RAW_SYSCALLS);
+            }
+            Ok(()) => assert!(!refused, "strict mode without libc_only accepted a pin"),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    // SAFETY: our mapping.
+    unsafe { libc::munmap(anon, len) };
+}
+
+/// After a fork the parent's private pages are copy-on-write; its next write moves them
+/// to new frames with no call a hook sees. A registration cached before the fork must
+/// not be served after it (issue 11: it was a cache hit).
+#[test]
+fn a_parent_write_after_fork_is_never_served_from_the_cache() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let len = 4 * umm::page_size();
+    let anon = map(len);
+    let range = umm::Range::new(anon as usize, len).unwrap();
+    let manager = Arc::new(Manager::default());
+    let dev = manager
+        .attach(umm::testing::RecordingBackend::new("rec"))
+        .unwrap();
+    let source =
+        InterposeSource::install_with(&manager, umm_interpose::Options::libc_only()).unwrap();
+    manager.add_source(source).unwrap();
+    let id = |m: &Manager| m.pin(range, &[dev.id()]).unwrap().registration_id(dev.id());
+    let before = id(&manager);
+    assert_eq!(id(&manager), before, "no hit before the fork");
+    // SAFETY: the child only `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    // The copy-on-write break: the parent's addresses get new frames.
+    // SAFETY: our own mapping, `len` bytes.
+    unsafe { std::ptr::write_bytes(anon.cast::<u8>(), 2, len) };
+    assert_ne!(
+        id(&manager),
+        before,
+        "the registration made before the fork was served after the parent's write"
+    );
+    drop(manager);
+    // SAFETY: our mapping.
+    unsafe { libc::munmap(anon, len) };
 }

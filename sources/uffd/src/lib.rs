@@ -63,6 +63,16 @@
 //!   would block forever. (A child made by a raw `fork`/`clone` syscall skips that
 //!   handler; dropping the source unregisters every known range explicitly for that
 //!   case.) Use the kernel module source to cover a child.
+//!   In the **parent**, a fork makes every private page copy-on-write: the parent's next
+//!   write moves that address to a new frame without any unmap, and userfaultfd reports
+//!   nothing. A `pthread_atfork` parent handler therefore marks every live source before
+//!   `fork()` returns in the parent; the next cache hit drains and invalidates everything
+//!   (as the kernel's MMU notifier invalidates the copy-on-write ranges at fork). Memory
+//!   pinned for DMA keeps its frames in the parent on kernels that copy pinned pages for
+//!   the child (5.8+), but a cached translation never relies on that. `posix_spawn` and
+//!   `vfork` share the address space and do not run the handler (nothing becomes
+//!   copy-on-write); a raw `fork`/`clone` syscall skips it too (use the kernel module
+//!   source for programs that fork that way).
 //! * **Shutdown.** Dropping the source unregisters its ranges, stops the reader after it
 //!   drained what was queued, then closes the userfaultfd, which drops any registration
 //!   left and wakes any thread still waiting on an event. A dropped source never leaves
@@ -341,6 +351,9 @@ pub struct UffdStats {
     pub faults_resolved: u64,
     /// Times the ring was full (each makes the next drain invalidate everything).
     pub overflows: u64,
+    /// Forks seen in this process (each makes the next drain invalidate everything, see
+    /// the crate docs on fork).
+    pub fork_notices: u64,
     /// Watches the kernel refused while [`Options::strict`] was off.
     pub unwatchable: u64,
     /// Watches refused because the memory is exposed to operations userfaultfd cannot
@@ -427,6 +440,42 @@ fn close_in_children(fd: RawFd) -> Option<usize> {
     slot
 }
 
+/// Live sources of this process, told about every fork by [`note_fork_in_parent`].
+static FORK_NOTICES: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// Registers `shared` for fork notices (and the parent handler, once).
+fn notice_forks(shared: &Arc<Shared>) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a parent handler; it runs in the parent after fork returned
+        // there, in ordinary (not async-signal) context.
+        unsafe { libc::pthread_atfork(None, Some(note_fork_in_parent), None) };
+    });
+    let mut live = FORK_NOTICES.lock();
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(shared));
+}
+
+/// `pthread_atfork` parent handler. After a fork the parent's private pages are shared
+/// copy-on-write with the child; the parent's next write to one moves that address to a
+/// new frame with no unmap, which no userfaultfd event reports (the kernel's MMU
+/// notifier does report it, as an invalidation at the fork). So every live source marks
+/// itself `forked` and moves its generation before `fork()` returns in the parent: the
+/// next cache hit drains and invalidates everything. The generation is settled at once
+/// (there is nothing for the reader to record); a reader announcement it overtakes is
+/// covered by the invalidation of everything. Registrations that pin pages for DMA are
+/// not at risk on kernels that copy pinned pages for the child (5.8+), but a cached
+/// translation must not depend on that.
+extern "C" fn note_fork_in_parent() {
+    let live = FORK_NOTICES.lock();
+    for s in live.iter().filter_map(Weak::upgrade) {
+        s.forked.store(true, Ordering::Release);
+        let g = s.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        s.settled.fetch_max(g, Ordering::AcqRel);
+        s.fork_notices.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn getpid() -> u32 {
     // SAFETY: getpid has no preconditions.
     unsafe { libc::getpid() as u32 }
@@ -453,6 +502,10 @@ struct Shared {
     settled: AtomicU64,
     /// Set when the reader thread exited; drain then stops waiting for `settled`.
     reader_gone: AtomicBool,
+    /// Set by the `pthread_atfork` parent handler ([`note_fork_in_parent`]): the parent's
+    /// private pages became copy-on-write, and a write after the fork moves them to new
+    /// frames, which no userfaultfd event reports. The next drain invalidates everything.
+    forked: AtomicBool,
     /// Optional sink the reader calls after recording (see [`UffdSource::set_eager_sink`]).
     eager: OnceLock<Weak<dyn InvalidationSink>>,
     unmap_events: AtomicU64,
@@ -460,6 +513,7 @@ struct Shared {
     remove_events: AtomicU64,
     faults_resolved: AtomicU64,
     overflows: AtomicU64,
+    fork_notices: AtomicU64,
 }
 
 /// One watch: the range asked for and the span registered for it.
@@ -650,13 +704,16 @@ impl UffdSource {
             generation: AtomicU64::new(0),
             settled: AtomicU64::new(0),
             reader_gone: AtomicBool::new(false),
+            forked: AtomicBool::new(false),
             eager: OnceLock::new(),
             unmap_events: AtomicU64::new(0),
             remap_events: AtomicU64::new(0),
             remove_events: AtomicU64::new(0),
             faults_resolved: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
+            fork_notices: AtomicU64::new(0),
         });
+        notice_forks(&shared);
         let reader_shared = shared.clone();
         let reader = std::thread::Builder::new()
             .name("umm-uffd".into())
@@ -723,6 +780,7 @@ impl UffdSource {
             remove_events: s.remove_events.load(Ordering::Relaxed),
             faults_resolved: s.faults_resolved.load(Ordering::Relaxed),
             overflows: s.overflows.load(Ordering::Relaxed),
+            fork_notices: s.fork_notices.load(Ordering::Relaxed),
             unwatchable: self.unwatchable.load(Ordering::Relaxed),
             uncovered: self.uncovered.load(Ordering::Relaxed),
             vma_refusals: self.vma_refusals.load(Ordering::Relaxed),
@@ -1112,7 +1170,8 @@ impl NotifierSource for UffdSource {
                 break;
             }
         }
-        if self.shared.overflow.swap(false, Ordering::AcqRel) {
+        let forked = self.shared.forked.swap(false, Ordering::AcqRel);
+        if self.shared.overflow.swap(false, Ordering::AcqRel) | forked {
             // Ranges still in the ring are covered by this too; drop them.
             while self.shared.ring.pop().is_some() {}
             sink.invalidate_all();
@@ -1214,7 +1273,8 @@ fn reader_rounds(s: &Shared) {
             }
         }
         // Release: a drain that sees `settled >= announced` sees every ring entry above.
-        s.settled.store(announced, Ordering::Release);
+        // fetch_max: a fork notice may have settled a later generation meanwhile.
+        s.settled.fetch_max(announced, Ordering::AcqRel);
         if stopping {
             return;
         }

@@ -8,6 +8,7 @@ mod common;
 
 use common::{source, within, LIMIT};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use umm::testing::RecordingBackend;
@@ -70,13 +71,15 @@ fn in_child(child: impl FnOnce() -> i32) {
 }
 
 #[derive(Default)]
-struct Log(parking_lot::Mutex<Vec<Range>>);
+struct Log(parking_lot::Mutex<Vec<Range>>, AtomicUsize);
 
 impl InvalidationSink for Log {
     fn invalidate(&self, range: Range) {
         self.0.lock().push(range);
     }
-    fn invalidate_all(&self) {}
+    fn invalidate_all(&self) {
+        self.1.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The parent munmaps `r` (bounded) and must see the UNMAP event: drained into a log
@@ -84,6 +87,13 @@ impl InvalidationSink for Log {
 /// else left for the manager the source serves, and checked by the caller.
 fn parent_munmap_is_reported(s: &UffdSource, r: Range, drain: bool) -> u64 {
     let before = s.stats().unmap_events;
+    if drain {
+        // The fork made the parent's pages copy-on-write: the first drain after it
+        // invalidates everything (see `a_parent_write_after_fork_...` below).
+        let log = Log::default();
+        s.drain(&log);
+        assert_eq!(log.1.load(Ordering::Relaxed), 1, "no invalidation at fork");
+    }
     within("the parent's munmap of a watched range", move || {
         // SAFETY: unmaps the test's own mapping.
         assert_eq!(unsafe { libc::munmap(r.start() as *mut _, r.len()) }, 0);
@@ -92,6 +102,7 @@ fn parent_munmap_is_reported(s: &UffdSource, r: Range, drain: bool) -> u64 {
         let log = Log::default();
         s.drain(&log);
         assert_eq!(*log.0.lock(), vec![r]);
+        assert_eq!(log.1.load(Ordering::Relaxed), 0);
         assert_eq!(
             s.stats().unmap_events,
             before + 1,
@@ -230,4 +241,45 @@ fn parent_dropping_the_source_while_a_child_lives_leaves_no_munmap_blocked() {
         libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
     unmapped.unwrap();
+}
+
+/// After a fork the parent's private pages are shared copy-on-write with the child; the
+/// parent's next write moves the range to new frames with no unmap. A translation cached
+/// before the fork must not be served after it (issue 11: this was a cache hit with the
+/// registration made before the fork).
+#[test]
+fn a_parent_write_after_fork_is_never_served_from_the_cache() {
+    let _serial = common::serial();
+    let Some(s) = source(Options::default()) else {
+        return;
+    };
+    let manager = Manager::default();
+    let dev = manager.attach(RecordingBackend::new("rec")).unwrap();
+    manager.add_source(s.clone()).unwrap();
+    let r = map(4);
+    let before = manager
+        .pin(r, &[dev.id()])
+        .unwrap()
+        .registration_id(dev.id());
+    // Cached, and a hit while nothing happened.
+    let again = manager
+        .pin(r, &[dev.id()])
+        .unwrap()
+        .registration_id(dev.id());
+    assert_eq!(again, before);
+    let forks = s.stats().fork_notices;
+    in_child(|| 0);
+    assert_eq!(s.stats().fork_notices, forks + 1);
+    // The copy-on-write break: the parent's addresses get new frames.
+    // SAFETY: the test's own mapping, `r.len()` bytes.
+    unsafe { std::ptr::write_bytes(r.start() as *mut u8, 2, r.len()) };
+    let after = manager
+        .pin(r, &[dev.id()])
+        .unwrap()
+        .registration_id(dev.id());
+    assert_ne!(
+        after, before,
+        "the registration made before the fork was served after the parent's write"
+    );
+    assert_eq!(manager.stats().hits(), 1);
 }
