@@ -5,7 +5,7 @@
 //! ```text
 //! umm-torture [--source manual|uffd|interpose|kmod|combined|none|all[,...]] [--seed S]
 //!             [--threads N] [--ops N] [--duration SECS] [--slots N] [--heap-slots N]
-//!             [--op-set all|NAME,...] [--plant drop-every=N] [--min-ops N] [--rdma]
+//!             [--op-set all|NAME,...] [--plant drop-every=N] [--min-ops N] [--rdma] [--vulkan]
 //!             [--require] [--expect-failure]
 //! ```
 //!
@@ -22,7 +22,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: umm-torture [--source LIST] [--seed S] [--threads N] [--ops N] [--duration SECS] \
          [--slots N] [--heap-slots N] [--op-set all|NAME,...] [--plant drop-every=N] [--min-ops N] \
-         [--rdma] [--require] [--expect-failure]\n\
+         [--rdma] [--vulkan] [--require] [--expect-failure]\n\
          sources: manual uffd interpose kmod combined none all\n\
          operations: {}",
         OpKind::ALL
@@ -119,6 +119,7 @@ pub fn main() -> ExitCode {
             }
             "--require" => require = true,
             "--rdma" => opts.rdma = true,
+            "--vulkan" => opts.vulkan = true,
             "--expect-failure" => expect_failure = true,
             _ => return usage(),
         }

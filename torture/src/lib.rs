@@ -91,6 +91,13 @@ pub struct Options {
     /// Needs both devices (scripts/rxe-setup.sh in the guest); without them the run is a
     /// setup error.
     pub rdma: bool,
+    /// Also pin on a Vulkan device (the first with `VK_EXT_external_memory_host`, lavapipe
+    /// here; one pin in four) and read the pinned pages through the import with a compute
+    /// kernel: its checksum must equal the host's over the pages' current bytes. On a GPU
+    /// the import pins frames, so a stale import reads the old bytes; lavapipe reads through
+    /// the host pointer (it proves the plumbing, not the pinning). Without a Vulkan device
+    /// the run is a setup error.
+    pub vulkan: bool,
     /// A planted bug: drop every Nth invalidation between the source and the manager (for
     /// the manual source: skip every Nth `Manager::invalidate` call).
     pub drop_every: Option<u64>,
@@ -108,6 +115,7 @@ impl Default for Options {
             heap_slots: 16,
             op_set: None,
             rdma: false,
+            vulkan: false,
             drop_every: None,
         }
     }
@@ -205,6 +213,9 @@ pub struct Report {
     pub manual_invalidations: u64,
     /// RDMA WRITEs whose bytes were compared with the pages' tags (0 without `rdma`).
     pub rdma_writes: u64,
+    /// Compute reads through a Vulkan import compared with the host's bytes (0 without
+    /// `vulkan`).
+    pub vulkan_reads: u64,
     /// Time spent per operation kind, in microseconds (all workers together).
     pub micros: BTreeMap<OpKind, u64>,
     /// Frames the kernel moved under an unchanged tag, excused (see
@@ -247,6 +258,9 @@ impl fmt::Display for Report {
             self.source_stats,
             self.rss_growth_kib
         )?;
+        if self.vulkan_reads > 0 {
+            writeln!(f, "Vulkan compute reads checked: {}", self.vulkan_reads)?;
+        }
         if self.rdma_writes > 0 {
             writeln!(f, "RDMA WRITEs checked on the wire: {}", self.rdma_writes)?;
         }
@@ -314,6 +328,8 @@ struct Ctx<'m> {
     micros: Vec<AtomicU64>,
     rdma: Option<Wire>,
     rdma_writes: AtomicU64,
+    vulkan: Option<Device<umm_vulkan::VulkanBackend>>,
+    vulkan_reads: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -345,6 +361,9 @@ impl<'m> Ctx<'m> {
         );
         if o.rdma {
             s += " --rdma";
+        }
+        if o.vulkan {
+            s += " --vulkan";
         }
         if let Some(n) = o.drop_every {
             s += &format!(" --plant drop-every={n}");
@@ -543,6 +562,18 @@ impl<'m> Ctx<'m> {
                 };
             }
         }
+        if let Some(vk) = self.vulkan {
+            if rng.one_in(4) {
+                return if rng.one_in(2) {
+                    (vec![vk.id()], "vulkan")
+                } else {
+                    (
+                        vec![vk.id(), self.nic.id(), self.gpu.id()],
+                        "vulkan+nic+gpu",
+                    )
+                };
+            }
+        }
         match rng.below(4) {
             0 => (vec![self.nic.id()], "nic"),
             1 => (vec![self.gpu.id()], "gpu"),
@@ -590,6 +621,36 @@ impl<'m> Ctx<'m> {
             }
         }
         self.rdma_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A compute read of the pinned pages through the pin's Vulkan import: its checksum
+    /// must equal the host's over the bytes mapped there now.
+    fn check_vulkan(&self, s: &Slot, pin: &Pin<'_>, a: usize, b: usize) -> Result<(), String> {
+        let Some(vk) = self.vulkan else {
+            return Ok(());
+        };
+        let (Some(import), Some(offset)) = (pin.translation(vk), pin.offset(vk)) else {
+            return Ok(());
+        };
+        let backend = self.manager.backend(vk).map_err(|e| e.to_string())?;
+        let len = (b - a) * self.page();
+        // SAFETY: the pin keeps the import live, and this thread holds the slot, so its
+        // pages stay mapped until the read returns.
+        let device = unsafe { backend.checksum(import, offset as u64, len as u64) }
+            .map_err(|e| format!("Vulkan checksum kernel failed: {e}"))?;
+        // SAFETY: the slot's pages [a, b) are mapped (just pinned) and only read here.
+        let bytes = unsafe { std::slice::from_raw_parts(s.addr(a) as *const u8, len) };
+        let host = umm_vulkan::Checksum::of_bytes(bytes);
+        if device != host {
+            return Err(format!(
+                "STALE on vulkan: the compute read through import {:?} of {} saw checksum {:#x} \
+                 over {} words, the host's pages hold {:#x}: the import reads frames that are \
+                 no longer mapped there",
+                import.memory, import.range, device.sum, device.words, host.sum
+            ));
+        }
+        self.vulkan_reads.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -648,6 +709,7 @@ impl<'m> Ctx<'m> {
         if let Err(msg) = self
             .check(s, &pin, a, b)
             .and_then(|_| self.check_wire(s, &pin, a, b))
+            .and_then(|_| self.check_vulkan(s, &pin, a, b))
         {
             self.fail(
                 Some(s),
@@ -869,6 +931,17 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
     } else {
         None
     };
+    let vulkan = if opts.vulkan {
+        let backend = umm_vulkan::VulkanBackend::new(umm_vulkan::DeviceSelector::First)
+            .map_err(|e| RunError::Setup(format!("Vulkan: {e}")))?;
+        Some(
+            manager
+                .attach(backend)
+                .map_err(|e| RunError::Setup(format!("Vulkan: {e}")))?,
+        )
+    } else {
+        None
+    };
     let base = reserve(opts.slots.max(1))?;
     let page = umm::page_size();
     let ctx = Ctx {
@@ -920,6 +993,8 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
         micros: OpKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
         rdma,
         rdma_writes: AtomicU64::new(0),
+        vulkan,
+        vulkan_reads: AtomicU64::new(0),
     };
     // Every slot starts with 8 anonymous pages.
     for m in &ctx.slots {
@@ -960,6 +1035,11 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
         }
     }
     manager.flush();
+    // Every slot is unmapped: every import must be gone once the manager settled.
+    let vulkan_left = ctx
+        .vulkan
+        .and_then(|vk| manager.backend(vk).ok())
+        .map_or(0, |b| b.live_imports());
     let stats = manager.stats();
     let mut report = Report {
         ops,
@@ -993,6 +1073,7 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
         manual_invalidations: ctx.manual_calls.load(Ordering::Relaxed),
         cow_frames: ctx.cow_frames.load(Ordering::Relaxed),
         rdma_writes: ctx.rdma_writes.load(Ordering::Relaxed),
+        vulkan_reads: ctx.vulkan_reads.load(Ordering::Relaxed),
         micros: OpKind::ALL
             .iter()
             .map(|&k| (k, ctx.micros[k.index()].load(Ordering::Relaxed)))
@@ -1031,6 +1112,11 @@ pub fn run(opts: &Options) -> Result<Report, RunError> {
                 "{name}: {r} registrations, {d} deregistrations, {bad} bad deregistrations, {live} still registered"
             ));
         }
+    }
+    if vulkan_left != 0 {
+        problems.push(format!(
+            "vulkan: {vulkan_left} imports still live after every slot was unmapped"
+        ));
     }
     if opts.rdma {
         for dev in ["rxe0", "rxe1"] {

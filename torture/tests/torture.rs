@@ -99,6 +99,26 @@ fn kernel_module_source_is_green_where_loaded() {
     }
 }
 
+/// Pins on a Vulkan device too, each read through its import by a compute kernel
+/// (lavapipe on the build host); skipped with the reason where no Vulkan device with
+/// host-memory import exists.
+#[test]
+fn vulkan_reads_through_imports_see_the_current_bytes() {
+    if !umm_vulkan::VulkanBackend::list_devices()
+        .is_ok_and(|d| d.iter().any(|d| d.supports_host_import))
+    {
+        println!("SKIP: no Vulkan device with VK_EXT_external_memory_host here");
+        return;
+    }
+    let o = Options {
+        vulkan: true,
+        ..opts(SourceKind::Interpose, 16)
+    };
+    let r = green(&o).expect("a Vulkan device was listed");
+    assert_busy(&r, &o);
+    assert!(r.vulkan_reads > 100, "too few Vulkan reads: {r}");
+}
+
 /// The suite can fail: a source that loses every 3rd invalidation is caught.
 fn must_fail(source: SourceKind, drop_every: Option<u64>) {
     let o = Options {
