@@ -239,6 +239,82 @@ impl Manager {
             dev.index.replace(lo, hi, e.to_raw(), other.to_raw());
             dev.index.fill_empty(lo, hi, other.to_raw());
         }
+        #[cfg(test)]
+        tests::unlink_window();
         dev.index.remove(range.start(), range.end(), e.to_raw());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
+    use crate::testing::RecordingBackend;
+    use crate::{Manager, Range};
+
+    thread_local! {
+        /// Runs once at the next unlink on this thread, inside its index update (under
+        /// the writer lock), where a lock-free invalidation from another thread can land.
+        static WINDOW: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn unlink_window() {
+        if let Some(f) = WINDOW.with(|w| w.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    fn map(pages: usize) -> Range {
+        let len = pages * crate::page_size();
+        // SAFETY: a fresh private anonymous mapping, leaked by the test.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Range::new(p as usize, len).unwrap()
+    }
+
+    /// An invalidation of a live entry that arrives while an entry shadowing it is being
+    /// unlinked must not be dropped (found once by the core stress test in CI: the unlink
+    /// removed the shadowing entry from the index before the shadowed one took its pages
+    /// back, so for an instant the page read as empty and `record` skipped the device).
+    /// Deterministic: the invalidation is made at the unlink's window. Seen failing with
+    /// the old order (remove, then fill_empty).
+    #[test]
+    fn an_invalidation_during_an_unlink_reaches_the_shadowed_entry() {
+        let m = Arc::new(Manager::default());
+        let dev = m.attach(RecordingBackend::new("rec")).unwrap();
+        let all = map(4);
+        let page = crate::page_size();
+        let a = Range::new(all.start(), 2 * page).unwrap();
+        let id = |r: Range| m.pin(r, &[dev.id()]).unwrap().registration_id(dev.id());
+        let first = id(a);
+        // A newer entry over A's pages and two more: it shadows A in the index.
+        let b_id = id(all);
+        assert_ne!(b_id, first);
+        let m2 = m.clone();
+        WINDOW.with(|w| {
+            *w.borrow_mut() = Some(Box::new(move || m2.invalidate_deferred(a)));
+        });
+        // Invalidates B only (its last page): B is unlinked; at the window, A's pages
+        // are invalidated by "another thread".
+        m.invalidate(Range::new(all.start() + 3 * page, page).unwrap());
+        assert!(
+            WINDOW.with(|w| w.borrow().is_none()),
+            "the window never ran"
+        );
+        assert_ne!(
+            id(a),
+            first,
+            "A's registration survived an invalidation made while B was unlinked"
+        );
     }
 }
