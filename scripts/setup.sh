@@ -18,6 +18,9 @@ packages=(
     mesa-vulkan-drivers vulkan-tools libvulkan1 libvulkan-dev
     # UCX's registration cache, the peer of the comparison benchmark
     libucx-dev
+    # libfabric: umm-fabric's byte table (scripts/test-fabric.sh builds against it, runs
+    # verbs;ofi_rxm in the guest)
+    libfabric-dev libfabric-bin
     # scripts/check-package.sh reads cargo's JSON and TOML with python3
     python3
 )
