@@ -138,3 +138,49 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_names_match_umm_auto_and_refuse_what_cannot_serve_libfabric() {
+        assert_eq!("".parse::<SourceChoice>().unwrap(), SourceChoice::Auto);
+        assert_eq!(
+            " Kmod ".parse::<SourceChoice>().unwrap(),
+            SourceChoice::Kmod
+        );
+        assert_eq!(
+            "kernel".parse::<SourceChoice>().unwrap(),
+            SourceChoice::Kmod
+        );
+        assert_eq!(
+            "userfaultfd".parse::<SourceChoice>().unwrap(),
+            SourceChoice::Uffd
+        );
+        for bad in ["interpose", "none", "off", "kmodx"] {
+            let e = bad.parse::<SourceChoice>().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    FabricError::BadEnv {
+                        var: "UMM_SOURCE",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn booleans_parse_like_umm_and_garbage_is_an_error() {
+        for t in ["1", "true", "YES", "on"] {
+            assert!(parse_bool("X", t).unwrap(), "{t}");
+        }
+        for f in ["0", "false", "No", "off"] {
+            assert!(!parse_bool("X", f).unwrap(), "{f}");
+        }
+        assert!(parse_bool("X", "maybe").is_err());
+    }
+}
