@@ -21,6 +21,8 @@ packages=(
     # libfabric: umm-fabric's byte table (scripts/test-fabric.sh builds against it, runs
     # verbs;ofi_rxm in the guest)
     libfabric-dev libfabric-bin
+    # Open MPI over libfabric (scripts/test-fabric.sh --mpi)
+    openmpi-bin libopenmpi-dev
     # scripts/check-package.sh reads cargo's JSON and TOML with python3
     python3
 )
