@@ -9,13 +9,14 @@
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use umm::Range;
 
 use crate::config::{parse_bool, Config};
 use crate::error::FabricError;
-use crate::monitor::{Monitor, NotifyFn};
+use crate::monitor::{Monitor, MonitorOptions, NotifyFn};
 
 /// `FI_CLASS_MEM_MONITOR` in `enum fi_class` (rdma/fabric.h, libfabric 1.13+).
 pub(crate) const FI_CLASS_MEM_MONITOR: usize = 23;
@@ -114,6 +115,10 @@ static SLOT: Slot = Slot(UnsafeCell::new(FidMemMonitor {
 static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The monitor, built at the first `start` and kept for the process's life.
 static MONITOR: OnceLock<Monitor> = OnceLock::new();
+/// `fi_version()` of the libfabric imported into (0: unknown).
+static FI_RUNTIME_VERSION: AtomicU32 = AtomicU32::new(0);
+/// libfabric 2.1 unsubscribes every entry it uncaches; older versions never unsubscribe.
+const FI_VERSION_2_1: u32 = (2 << 16) | 1;
 /// Serialises `install` and the monitor's construction.
 static INSTALL: Mutex<bool> = Mutex::new(false);
 
@@ -151,7 +156,14 @@ fn start() -> Result<(), FabricError> {
     };
     let source = config.open_source()?;
     let notify: NotifyFn = Arc::new(notify_libfabric);
-    let monitor = Monitor::new(source, notify, config.interval)?;
+    let version = FI_RUNTIME_VERSION.load(Ordering::Acquire);
+    let options = MonitorOptions {
+        interval: config.interval,
+        // Unknown version: keep watches (a leak at worst) rather than risk dropping one
+        // that libfabric would also unsubscribe.
+        release_after_notify: version != 0 && version < FI_VERSION_2_1,
+    };
+    let monitor = Monitor::new(source, notify, options)?;
     if config.verbose {
         eprintln!(
             "umm-fabric: libfabric memory monitor started on the {} source",
@@ -248,7 +260,7 @@ fn dlerror_text() -> String {
 
 /// `fi_open` and `fi_strerror` of the libfabric in the process, loading `libfabric.so.1`
 /// if none is.
-fn libfabric() -> Result<(FiOpenFn, Option<FiStrerrorFn>), FabricError> {
+fn libfabric() -> Result<(FiOpenFn, Option<FiStrerrorFn>, u32), FabricError> {
     // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
     let mut open = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"fi_open".as_ptr()) };
     // SAFETY: as above.
@@ -275,12 +287,20 @@ fn libfabric() -> Result<(FiOpenFn, Option<FiStrerrorFn>), FabricError> {
             )));
         }
     }
+    // SAFETY: dlsym with RTLD_DEFAULT (libfabric is loaded now) and a NUL-terminated name.
+    let version = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"fi_version".as_ptr()) };
+    let version = if version.is_null() {
+        0
+    } else {
+        // SAFETY: `uint32_t fi_version(void)` (rdma/fabric.h), no arguments, no state.
+        unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> u32>(version)() }
+    };
     // SAFETY: `fi_open` and `fi_strerror` have these C signatures (rdma/fabric.h).
     let open = unsafe { std::mem::transmute::<*mut c_void, FiOpenFn>(open) };
     let strerror = (!strerror.is_null())
         // SAFETY: as above.
         .then(|| unsafe { std::mem::transmute::<*mut c_void, FiStrerrorFn>(strerror) });
-    Ok((open, strerror))
+    Ok((open, strerror, version))
 }
 
 fn fi_error(step: &'static str, code: c_int, strerror: Option<FiStrerrorFn>) -> FabricError {
@@ -319,7 +339,8 @@ pub fn install() -> Result<(), FabricError> {
     }
     let config = Config::from_env()?;
     let _ = CONFIG.set(config);
-    let (fi_open, strerror) = libfabric()?;
+    let (fi_open, strerror, version) = libfabric()?;
+    FI_RUNTIME_VERSION.store(version, Ordering::Release);
     let mut cache: *mut Fid = std::ptr::null_mut();
     // SAFETY: fi_open("mr_cache") with no attributes, no flags and a valid out pointer.
     let rc = unsafe {

@@ -38,7 +38,7 @@
 //! use std::sync::{Arc, Mutex};
 //! use std::time::Duration;
 //! use umm_fabric::testing::ManualSource;
-//! use umm_fabric::{Monitor, Source};
+//! use umm_fabric::{Monitor, MonitorOptions, Source};
 //!
 //! let src = Arc::new(ManualSource::new());
 //! let seen = Arc::new(Mutex::new(Vec::new()));
@@ -46,7 +46,7 @@
 //! let monitor = Monitor::new(
 //!     Source::Other(src.clone()),
 //!     Arc::new(move |r| record.lock().unwrap().push(r)),
-//!     Duration::from_millis(5),
+//!     MonitorOptions { interval: Duration::from_millis(5), ..Default::default() },
 //! )?;
 //! monitor.subscribe(0x10000, 0x4000)?;
 //! assert!(monitor.valid(0x10000, 0x4000));
@@ -66,4 +66,4 @@ pub use error::FabricError;
 pub use ffi::{
     install, installed, monitor, umm_fabric_install, umm_fabric_installed, umm_fabric_source,
 };
-pub use monitor::{Monitor, MonitorStats, NotifyFn, Source};
+pub use monitor::{Monitor, MonitorOptions, MonitorStats, NotifyFn, Source};

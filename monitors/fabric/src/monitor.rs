@@ -109,6 +109,7 @@ struct Dirty {
 
 struct Inner {
     source: Source,
+    release_after_notify: bool,
     notify: NotifyFn,
     next_cookie: AtomicU64,
     /// (addr, len) as libfabric subscribed it -> cookies of the watches (libfabric may
@@ -150,6 +151,13 @@ pub struct MonitorStats {
 ///   registrations are released without waiting for the next hit.
 ///
 /// A range stays "invalid" for `valid` until its `notify` has returned.
+///
+/// libfabric before 2.1 never calls `unsubscribe` (its cache keeps no subscription context:
+/// "we remain subscribed"); with [`MonitorOptions::release_after_notify`] the monitor drops
+/// the subscriptions that overlapped a range once `notify` for it returned (libfabric
+/// uncached every such entry), so watches do not pile up. libfabric 2.1 and later
+/// unsubscribe every entry they uncache, and the option must be off there (the library sets
+/// it from `fi_version()`).
 pub struct Monitor {
     inner: Arc<Inner>,
     thread: Option<JoinHandle<()>>,
@@ -164,13 +172,31 @@ impl std::fmt::Debug for Monitor {
     }
 }
 
+/// How a [`Monitor`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MonitorOptions {
+    /// The longest the monitor thread sleeps between looks at the source.
+    pub interval: Duration,
+    /// Drop the subscriptions overlapping a range after its `notify` returned (for
+    /// libfabric before 2.1, which never unsubscribes).
+    pub release_after_notify: bool,
+}
+
+impl Default for MonitorOptions {
+    fn default() -> MonitorOptions {
+        MonitorOptions {
+            interval: Duration::from_millis(100),
+            release_after_notify: false,
+        }
+    }
+}
+
 impl Monitor {
-    /// Starts a monitor on `source` whose thread delivers invalidations to `notify`, waking
-    /// at least every `interval`.
+    /// Starts a monitor on `source` whose thread delivers invalidations to `notify`.
     pub fn new(
         source: Source,
         notify: NotifyFn,
-        interval: Duration,
+        options: MonitorOptions,
     ) -> Result<Monitor, FabricError> {
         let sink = Arc::new(Sink {
             queue: ArrayQueue::new(QUEUE_CAPACITY),
@@ -188,6 +214,7 @@ impl Monitor {
             .unwrap_or(0);
         let inner = Arc::new(Inner {
             source,
+            release_after_notify: options.release_after_notify,
             notify,
             next_cookie: AtomicU64::new(1),
             subs: Mutex::new(HashMap::new()),
@@ -195,7 +222,7 @@ impl Monitor {
             dirty: Mutex::new(Dirty::default()),
             seen: AtomicU64::new(seen),
             stop: AtomicBool::new(false),
-            interval,
+            interval: options.interval,
             notified: AtomicU64::new(0),
         });
         let worker = inner.clone();
@@ -323,6 +350,22 @@ impl Inner {
                 self.source.wait(self.interval);
                 continue;
             }
+            // The subscriptions made before the notify calls: libfabric uncaches every
+            // entry overlapping a notified range, so their watches may go afterwards.
+            // (One made after this snapshot is kept: it may belong to a live entry.)
+            let held: Vec<((usize, usize), u64)> = if self.release_after_notify {
+                let subs = lock(&self.subs);
+                subs.iter()
+                    .filter(|(&(a, l), _)| {
+                        all > 0
+                            || Range::new(a, l)
+                                .is_ok_and(|s| batch.iter().any(|(_, r)| r.overlaps(&s)))
+                    })
+                    .flat_map(|(&k, cookies)| cookies.iter().map(move |&c| (k, c)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             if all > 0 {
                 // Events were lost: every subscribed range may have changed.
                 let ranges: Vec<Range> = lock(&self.subs)
@@ -340,6 +383,7 @@ impl Inner {
             for (_, r) in &batch {
                 (self.notify)(*r);
             }
+            self.release(held);
             self.notified
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let mut d = lock(&self.dirty);
@@ -347,6 +391,35 @@ impl Inner {
                 d.ranges.retain(|&(seq, _)| seq > last);
             }
             d.all -= all;
+        }
+    }
+}
+
+impl Inner {
+    /// Drops the given subscriptions (those still held) and their watches.
+    fn release(&self, held: Vec<((usize, usize), u64)>) {
+        if held.is_empty() {
+            return;
+        }
+        let mut gone = Vec::with_capacity(held.len());
+        {
+            let mut subs = lock(&self.subs);
+            for (key, cookie) in held {
+                if let Some(cookies) = subs.get_mut(&key) {
+                    if let Some(i) = cookies.iter().position(|&c| c == cookie) {
+                        cookies.remove(i);
+                        gone.push((key, cookie));
+                    }
+                    if cookies.is_empty() {
+                        subs.remove(&key);
+                    }
+                }
+            }
+        }
+        for ((addr, len), cookie) in gone {
+            if let Ok(range) = Range::new(addr, len) {
+                self.source.as_dyn().unwatch(cookie, range);
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use umm::Range;
 use umm_fabric::testing::ManualSource;
-use umm_fabric::{FabricError, Monitor, Source};
+use umm_fabric::{FabricError, Monitor, MonitorOptions, Source};
 
 const PAGE: usize = 4096;
 
@@ -22,13 +22,20 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+fn opts(release_after_notify: bool) -> MonitorOptions {
+    MonitorOptions {
+        interval: Duration::from_millis(2),
+        release_after_notify,
+    }
+}
+
 fn monitor_with_log(src: &Arc<ManualSource>) -> (Monitor, Arc<Mutex<Vec<Range>>>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
     let m = Monitor::new(
         Source::Other(src.clone()),
         Arc::new(move |r| l.lock().unwrap().push(r)),
-        Duration::from_millis(2),
+        opts(false),
     )
     .expect("monitor");
     (m, log)
@@ -66,7 +73,7 @@ fn invalidations_reach_notify_and_valid_refuses_until_notify_returned() {
             let _g = g.lock().unwrap();
             l.lock().unwrap().push(r);
         }),
-        Duration::from_millis(2),
+        opts(false),
     )
     .unwrap();
     m.subscribe(0x300000, 4 * PAGE).unwrap();
@@ -102,7 +109,7 @@ fn notify_may_call_back_into_unsubscribe_without_deadlock() {
                     let _ = m.valid(r.start(), r.len());
                 }
             }),
-            Duration::from_millis(2),
+            opts(false),
         )
         .unwrap(),
     );
@@ -171,4 +178,48 @@ fn empty_ranges_are_errors_not_panics() {
         Err(FabricError::BadRange { .. })
     ));
     assert!(!m.valid(0x1000, 0));
+}
+
+#[test]
+fn with_release_after_notify_notified_subscriptions_are_dropped_others_kept() {
+    // libfabric before 2.1 never unsubscribes: the monitor drops what a notify covered.
+    let src = Arc::new(ManualSource::new());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let m = Monitor::new(
+        Source::Other(src.clone()),
+        Arc::new(move |r| l.lock().unwrap().push(r)),
+        opts(true),
+    )
+    .unwrap();
+    m.subscribe(0xb00000, 4 * PAGE).unwrap();
+    m.subscribe(0xc00000, 4 * PAGE).unwrap();
+    assert_eq!(src.watches().len(), 2);
+    src.fire(range(0xb01000, PAGE));
+    wait_for("the notified subscription to be released", || {
+        src.watches().len() == 1
+    });
+    assert!(log.lock().unwrap().contains(&range(0xb01000, PAGE)));
+    assert_eq!(
+        src.watches().values().copied().collect::<Vec<_>>(),
+        vec![range(0xc00000, 4 * PAGE)]
+    );
+    assert_eq!(m.stats().subscriptions, 1);
+}
+
+#[test]
+fn without_release_after_notify_subscriptions_wait_for_unsubscribe() {
+    let src = Arc::new(ManualSource::new());
+    let (m, log) = monitor_with_log(&src);
+    m.subscribe(0xd00000, PAGE).unwrap();
+    src.fire(range(0xd00000, PAGE));
+    wait_for("notify", || log.lock().unwrap().len() == 1);
+    wait_for("delivery", || m.stats().pending == 0);
+    assert_eq!(
+        src.watches().len(),
+        1,
+        "released although libfabric unsubscribes itself"
+    );
+    m.unsubscribe(0xd00000, PAGE);
+    assert!(src.watches().is_empty());
 }
