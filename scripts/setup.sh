@@ -23,6 +23,8 @@ packages=(
     libfabric-dev libfabric-bin
     # Open MPI over libfabric (scripts/test-fabric.sh --mpi)
     openmpi-bin libopenmpi-dev
+    # NetPIPE over Open MPI (scripts/test-fabric.sh --netpipe)
+    netpipe-openmpi
     # scripts/check-package.sh reads cargo's JSON and TOML with python3
     python3
 )

@@ -2,7 +2,7 @@
 # scripts/test-fabric.sh: does libfabric's MR cache send the bytes a buffer holds now?
 # Stock monitor vs umm-fabric, on Soft-RoCE, in one guest boot (issue 16, libfabric part).
 #
-# Usage: scripts/test-fabric.sh [--no-uffd] [--mpi | --mpi-only]
+# Usage: scripts/test-fabric.sh [--no-uffd] [--mpi | --mpi-only] [--netpipe]
 #
 # On the host: builds libumm_fabric.so (release), demos/stacks/fabric/fabric-bytes.c and the
 # registration counter demos/stacks/regcount/regcount.c, and kmod-notifier; boots the guest
@@ -17,7 +17,8 @@
 # With --mpi (same boot; guest time about 600 s) or --mpi-only (no table): an Open MPI job (demos/stacks/fabric/mpi-remap.c; pml cm + mtl ofi
 # over verbs;ofi_rxm, rank 0 on rxe1 sends to rank 1 on rxe0): 1 MiB messages from a buffer
 # remapped by raw syscalls between iterations, stock (Open MPI imports its own monitor) vs
-# umm-fabric preloaded into the ranks, plus latency/bandwidth of both (the overhead ratio).
+# umm-fabric preloaded into the ranks, plus latency/bandwidth of both (the overhead ratio);
+# --netpipe also runs Debian's NetPIPE (NPopenmpi, 8 B .. 1 MiB) with both.
 # The sender runs under libregcount.so, which counts its ibv_reg_mr calls. Prints the
 # table (bytes of the second message: NEW/OLD and the counts; registrations of the sender)
 # and exits non-zero when: any umm cell is not all-new bytes, a umm sender did not run on
@@ -95,6 +96,25 @@ if [ "${1:-}" = "--in-guest" ]; then
             [ "$mrc" = 0 ] || sed 's/^/    /' "$out/$col.out" | tail -30
         done
     fi
+    if [ -f "$bin/netpipe" ]; then
+        # NetPIPE (Debian's netpipe-openmpi), the same two ranks, 8 B .. 1 MiB, 3 repeats.
+        for col in np-stock np-umm; do
+            case "$col" in
+                np-stock) pre="" ;;
+                np-umm) pre="$bin/libumm_fabric.so" ;;
+            esac
+            set +e
+            UMM_RANK_PRELOAD="$pre" UMM_SOURCE=kmod timeout 300 mpirun --allow-run-as-root -np 2 \
+                --mca pml cm --mca mtl ofi --mca btl self --mca mtl_ofi_provider_include "verbs;ofi_rxm" \
+                -x FI_PROVIDER -x FI_UNIVERSE_SIZE -x UMM_RANK_PRELOAD -x UMM_SOURCE \
+                "$bin/rank-env" NPopenmpi -l 8 -u 1048576 -n 3 -p 0 -o "$out/$col.np" \
+                >"$out/$col.out" 2>&1
+            nrc=$?
+            set -e
+            echo "$col: NetPIPE exit $nrc"
+            [ "$nrc" = 0 ] || sed 's/^/    /' "$out/$col.out" | tail -30
+        done
+    fi
     echo "guest time: $(( $(date +%s) - t0 )) s"
     exit 0
 fi
@@ -102,17 +122,24 @@ fi
 # ---- on the host ---------------------------------------------------------------------------
 columns="stock umm-kmod umm-uffd"
 mpi=0
+netpipe=0
 for arg in "$@"; do
     case "$arg" in
         --no-uffd) columns="stock umm-kmod" ;;
         --mpi) mpi=1 ;;
         --mpi-only) mpi=1; columns="" ;;
-        *) echo "usage: $0 [--no-uffd] [--mpi | --mpi-only]" >&2; exit 2 ;;
+        --netpipe) netpipe=1 ;;
+        *) echo "usage: $0 [--no-uffd] [--mpi | --mpi-only] [--netpipe]" >&2; exit 2 ;;
     esac
 done
 # Guest time (TCG): the table about 320 s (3 columns), each mpirun about 130 s.
 vm_timeout=600
 [ "$mpi" = 1 ] && [ -n "$columns" ] && vm_timeout=1000
+if [ "$netpipe" = 1 ]; then
+    [ "$mpi" = 1 ] || { echo "--netpipe needs --mpi or --mpi-only" >&2; exit 2; }
+    command -v NPopenmpi >/dev/null || { echo "NPopenmpi missing (netpipe-openmpi: scripts/setup.sh)" >&2; exit 1; }
+    vm_timeout=$((vm_timeout + 600))
+fi
 if [ "$mpi" = 1 ] && ! command -v mpicc >/dev/null; then
     echo "mpicc missing (openmpi-bin, libopenmpi-dev: scripts/setup.sh)" >&2
     exit 1
@@ -151,6 +178,7 @@ fi
 exec "$@"
 EOS
     chmod +x "$bin/rank-env"
+    [ "$netpipe" = 0 ] || touch "$bin/netpipe"
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 
@@ -259,6 +287,27 @@ if [ "$mpi" = 1 ]; then
     if [ -n "${lat[mpi-stock]:-}" ] && [ -n "${lat[mpi-umm]:-}" ]; then
         awk -v ls="${lat[mpi-stock]}" -v lu="${lat[mpi-umm]}" -v bs="${bw[mpi-stock]}" -v bu="${bw[mpi-umm]}" \
             'BEGIN { printf "  overhead umm/stock: latency x%.2f, bandwidth x%.2f (TCG guest: noisy)\n", lu / ls, bu / bs }'
+    fi
+fi
+if [ "$netpipe" = 1 ]; then
+    echo
+    echo "NetPIPE (NPopenmpi, same ranks; one-way latency at 8 B, bandwidth at 1 MiB):"
+    declare -A nlat nbw
+    for col in np-stock np-umm; do
+        f="$out/$col.np"
+        # NetPIPE's output file: bytes, Mbps, seconds (one way) per line.
+        if [ ! -s "$f" ]; then
+            fails+=("$col: NetPIPE produced no results")
+            echo "  $col: no results"
+            continue
+        fi
+        nlat[$col]="$(awk '$1 == 8 { printf "%.1f", $3 * 1e6; exit }' "$f")"
+        nbw[$col]="$(awk '$1 == 1048576 { printf "%.2f", $2 / 8; exit }' "$f")"
+        echo "  $col: latency ${nlat[$col]:-?} us, bandwidth ${nbw[$col]:-?} MB/s"
+    done
+    if [ -n "${nlat[np-stock]:-}" ] && [ -n "${nlat[np-umm]:-}" ] && [ -n "${nbw[np-stock]:-}" ] && [ -n "${nbw[np-umm]:-}" ]; then
+        awk -v ls="${nlat[np-stock]}" -v lu="${nlat[np-umm]}" -v bs="${nbw[np-stock]}" -v bu="${nbw[np-umm]}" \
+            'BEGIN { printf "  NetPIPE overhead umm/stock: latency x%.2f, bandwidth x%.2f\n", lu / ls, bu / bs }'
     fi
 fi
 
