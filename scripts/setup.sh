@@ -18,6 +18,13 @@ packages=(
     mesa-vulkan-drivers vulkan-tools libvulkan1 libvulkan-dev
     # UCX's registration cache, the peer of the comparison benchmark
     libucx-dev
+    # libfabric: umm-fabric's byte table (scripts/test-fabric.sh builds against it, runs
+    # verbs;ofi_rxm in the guest)
+    libfabric-dev libfabric-bin
+    # Open MPI over libfabric (scripts/test-fabric.sh --mpi)
+    openmpi-bin libopenmpi-dev
+    # NetPIPE over Open MPI (scripts/test-fabric.sh --netpipe)
+    netpipe-openmpi
     # scripts/check-package.sh reads cargo's JSON and TOML with python3
     python3
 )
