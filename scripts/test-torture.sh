@@ -4,7 +4,7 @@
 # Usage: scripts/test-torture.sh [--host-only | --guest-only] [--soak SECS]
 #
 # Host (about 2 minutes): a release build of umm-torture runs UMM_TORTURE_OPS operations
-# (default 300000; at least 100000 are required) for each host source: manual (the
+# (default 120000; at least 100000 are required) for each host source: manual (the
 # control, every operation), userfaultfd, interposition (in-process hooks) and the two
 # combined; then the planted-bug runs, which must FAIL: every source with a wrapper that
 # drops every 7th invalidation, and a manager with no source at all; then interposition
@@ -112,7 +112,7 @@ cargo build --release -p umm-torture -p umm-preload
 bin="$target/release/umm-torture"
 
 if [ "$host" = 1 ]; then
-    ops="${UMM_TORTURE_OPS:-300000}"
+    ops="${UMM_TORTURE_OPS:-120000}"
     for s in manual uffd interpose combined; do
         # shellcheck disable=SC2046
         run "host $s" --source "$s" --require $(budget "$ops")

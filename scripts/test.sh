@@ -69,4 +69,7 @@ bash scripts/test-pipeline.sh
 step "torture suite in the guest (kernel module, combined, RDMA WRITEs checked on the wire)"
 bash scripts/test-torture.sh --guest-only
 
+step "libfabric with umm-fabric vs its stock monitor: bytes on Soft-RoCE, and an Open MPI job (qemu guest)"
+bash scripts/test-fabric.sh --no-uffd --mpi
+
 step "all tests passed"
