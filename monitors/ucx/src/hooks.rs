@@ -18,29 +18,34 @@ thread_local! {
 }
 
 /// Resolves `name@version` after this library, else in `lib` if it is loaded.
-fn resolve(slot: &AtomicUsize, name: &CStr, version: &CStr, lib: &CStr) -> usize {
+fn resolve(slot: &AtomicUsize, name: &CStr, version: Option<&CStr>, lib: &CStr) -> usize {
     let cached = slot.load(Ordering::Acquire);
     if cached != 0 {
         return cached;
     }
-    // SAFETY: dlvsym/dlsym/dlopen with valid NUL-terminated strings; RTLD_NOLOAD only
+    // dlvsym/dlsym/dlopen are called with valid NUL-terminated strings; RTLD_NOLOAD only
     // returns a handle to a library that is already loaded (never loads or runs code).
-    let f = unsafe {
-        let mut f = libc::dlvsym(libc::RTLD_NEXT, name.as_ptr(), version.as_ptr());
+    // The unversioned lookup first: it finds the next preload's definition too (another
+    // interposer, e.g. a registration counter, defines these without a version, and
+    // dlvsym skips it), and libibverbs' default version otherwise.
+    let find = |h: *mut c_void| {
+        // SAFETY: as above; `h` is RTLD_NEXT or a handle from dlopen.
+        let f = unsafe { libc::dlsym(h, name.as_ptr()) };
         if f.is_null() {
-            f = libc::dlsym(libc::RTLD_NEXT, name.as_ptr());
+            // SAFETY: as above.
+            version.map_or(f, |v| unsafe { libc::dlvsym(h, name.as_ptr(), v.as_ptr()) })
+        } else {
+            f
         }
-        if f.is_null() {
-            let h = libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
-            if !h.is_null() {
-                f = libc::dlvsym(h, name.as_ptr(), version.as_ptr());
-                if f.is_null() {
-                    f = libc::dlsym(h, name.as_ptr());
-                }
-            }
-        }
-        f
     };
+    let mut f = find(libc::RTLD_NEXT);
+    if f.is_null() {
+        // SAFETY: see above.
+        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        if !h.is_null() {
+            f = find(h);
+        }
+    }
     if f.is_null() {
         // Nothing to forward to: the caller cannot have linked against it either.
         eprintln!("umm-ucx: {name:?} not found");
@@ -95,7 +100,7 @@ type MdMemReg = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, c_uint, *m
 #[no_mangle]
 pub unsafe extern "C" fn ibv_reg_mr(pd: *mut c_void, addr: *mut c_void, len: usize, access: c_int) -> *mut c_void {
     static REAL: AtomicUsize = AtomicUsize::new(0);
-    let f = resolve(&REAL, c"ibv_reg_mr", c"IBVERBS_1.1", IBVERBS);
+    let f = resolve(&REAL, c"ibv_reg_mr", Some(c"IBVERBS_1.1"), IBVERBS);
     // SAFETY: `f` is libibverbs' ibv_reg_mr, whose signature RegMr mirrors.
     register(addr, len, || unsafe { std::mem::transmute::<usize, RegMr>(f)(pd, addr, len, access) })
 }
@@ -113,7 +118,7 @@ pub unsafe extern "C" fn ibv_reg_mr_iova(
     access: c_int,
 ) -> *mut c_void {
     static REAL: AtomicUsize = AtomicUsize::new(0);
-    let f = resolve(&REAL, c"ibv_reg_mr_iova", c"IBVERBS_1.7", IBVERBS);
+    let f = resolve(&REAL, c"ibv_reg_mr_iova", Some(c"IBVERBS_1.7"), IBVERBS);
     // SAFETY: `f` is libibverbs' ibv_reg_mr_iova, whose signature RegMrIova mirrors.
     register(addr, len, || unsafe {
         std::mem::transmute::<usize, RegMrIova>(f)(pd, addr, len, iova, access)
@@ -133,7 +138,7 @@ pub unsafe extern "C" fn ibv_reg_mr_iova2(
     access: c_uint,
 ) -> *mut c_void {
     static REAL: AtomicUsize = AtomicUsize::new(0);
-    let f = resolve(&REAL, c"ibv_reg_mr_iova2", c"IBVERBS_1.8", IBVERBS);
+    let f = resolve(&REAL, c"ibv_reg_mr_iova2", Some(c"IBVERBS_1.8"), IBVERBS);
     // SAFETY: `f` is libibverbs' ibv_reg_mr_iova2, whose signature RegMrIova2 mirrors.
     register(addr, len, || unsafe {
         std::mem::transmute::<usize, RegMrIova2>(f)(pd, addr, len, iova, access)
@@ -147,7 +152,7 @@ pub unsafe extern "C" fn ibv_reg_mr_iova2(
 #[no_mangle]
 pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut c_void) -> c_int {
     static REAL: AtomicUsize = AtomicUsize::new(0);
-    let f = resolve(&REAL, c"ibv_dereg_mr", c"IBVERBS_1.1", IBVERBS);
+    let f = resolve(&REAL, c"ibv_dereg_mr", Some(c"IBVERBS_1.1"), IBVERBS);
     if let Some(m) = installed() {
         m.deregistering(mr as usize);
     }
@@ -168,7 +173,7 @@ pub unsafe extern "C" fn uct_md_mem_reg(
     memh: *mut *mut c_void,
 ) -> c_int {
     static REAL: AtomicUsize = AtomicUsize::new(0);
-    let f = resolve(&REAL, c"uct_md_mem_reg", c"", c"libuct.so.0");
+    let f = resolve(&REAL, c"uct_md_mem_reg", None, c"libuct.so.0");
     if let Some(m) = installed() {
         m.sync();
     }

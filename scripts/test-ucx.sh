@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# scripts/test-ucx.sh: UCX's registration cache with its stock monitor vs umm-ucx, with bytes,
+# on Soft-RoCE in one guest boot (issue 16 items 2 and 3, UCX part).
+#
+# Usage: scripts/test-ucx.sh
+#
+# On the host: builds kmod-notifier (scripts/build-kmod.sh), umm-ucx (libumm_ucx.so),
+# demos/stacks/ucx/ucx_bytes and the regcount preload; boots the guest ONCE; inside it sets
+# up rxe0/rxe1 (scripts/rxe-setup.sh), loads the kernel module, and for each way of changing
+# a buffer's mapping runs a UCP sender (rxe1) and receiver (rxe0) pair, connected through
+# rdmacm, twice: with UCX's stock monitor and with umm-ucx preloaded into the sender. The
+# sender sends 1 MiB (rendezvous), changes the mapping, writes new bytes, sends again; the
+# receiver checks every byte of the second message: new, old (a stale registration), mixed.
+# Registrations are counted on the sender by demos/stacks/regcount (ibv_reg_mr* calls).
+#
+# Exits non-zero if umm-ucx gives anything but the new bytes in any row, or if the stock
+# monitor does NOT send old bytes in a row where issue 16 says it does (raw syscalls,
+# fallocate(PUNCH_HOLE)): the test must be able to fail.
+#
+# UCX settings (found on this rig): UCX_TLS=rc_verbs, UCX_NET_DEVICES=rxe0:1 (receiver) and
+# rxe1:1 (sender), connection through ucp_listener / UCP_EP_PARAM_FIELD_SOCK_ADDR (rdmacm).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+rows="${TEST_UCX_ROWS:-libc raw fixed fork punch shmremap dontneed}"
+# The rows where issue 16 measured stale bytes with UCX's stock monitor.
+stock_fails="raw punch"
+
+if [ "${1:-}" = "--in-guest" ]; then
+    # ---- inside the guest ------------------------------------------------------------------
+    bin="$2"
+    out="${UMM_VM_OUT:?not in scripts/vm}"
+    set +e
+    t0=$(date +%s)
+    scripts/rxe-setup.sh >/dev/null || { echo "rxe setup failed"; exit 1; }
+    insmod kmod-notifier/umm_notify.ko || { echo "insmod umm_notify.ko failed"; exit 1; }
+    export UCX_TLS=rc_verbs BYTES_TIMEOUT=120 UMM_SOURCE="${UMM_SOURCE:-kmod}"
+    port=13400
+    for row in $rows; do
+        for mon in ${TEST_UCX_MONITORS:-stock umm}; do
+            port=$((port + 1))
+            log="$out/$row.$mon"
+            UCX_NET_DEVICES=rxe0:1 "$bin/ucx_bytes" recv 10.99.0.1 "$port" "$row" \
+                >"$log.recv" 2>&1 &
+            rpid=$!
+            for _ in $(seq 600); do
+                grep -q listening "$log.recv" && break
+                kill -0 "$rpid" 2>/dev/null || break
+                sleep 0.1
+            done
+            preload="$bin/libregcount.so"
+            [ "$mon" = umm ] && preload="$bin/libumm_ucx.so $preload"
+            # umm-ucx first (it forwards to the next definition: regcount's, which counts
+            # only what is really registered); libibverbs last: UCX loads it RTLD_LOCAL, out
+            # of the preloads' RTLD_NEXT reach.
+            UCX_NET_DEVICES=rxe1:1 REGCOUNT_FILE="$log.regs" UMM_UCX_STATS=1 \
+                LD_PRELOAD="$preload libibverbs.so.1" \
+                "$bin/ucx_bytes" send 10.99.0.1 "$port" "$row" >"$log.send" 2>&1 || true
+            wait "$rpid" || true
+            line="$(grep '^ucx_bytes row=' "$log.recv" || echo "ucx_bytes row=$row first=? second=failed")"
+            regs="$(sed -n 's/.* reg=\([0-9]*\) .*/\1/p' "$log.regs" 2>/dev/null | head -1)"
+            inv="$(sed -n 's/.* invalidations=\([0-9]*\).*/\1/p' "$log.send" | head -1)"
+            echo "$line mon=$mon regs=${regs:-?} inval=${inv:--}" >>"$out/results"
+            grep -v -E '^(sent row|umm-ucx pid)' "$log.send" | grep -v 'Failed sending ACK' |
+                sed "s/^/  [$row $mon sender] /" | head -5 || true
+        done
+    done
+    echo "guest time: $(( $(date +%s) - t0 )) s"
+    exit 0
+fi
+
+# ---- on the host ---------------------------------------------------------------------------
+# shellcheck source=scripts/guest-env.sh
+. "$repo/scripts/guest-env.sh"
+guest_target_dir
+target="$CARGO_TARGET_DIR"
+kver="$(bash scripts/build-kmod.sh)"
+export UMM_VM_KERNEL="$kver"
+cargo build --release -p umm-ucx
+bin="$target/stacks-ucx"
+mkdir -p "$bin"
+cc -O2 -Wall -Wextra -o "$bin/ucx_bytes" demos/stacks/ucx/ucx_bytes.c -lucp -lucs
+cc -shared -fPIC -O2 -o "$bin/libregcount.so" demos/stacks/regcount/regcount.c -ldl
+cp "$target/release/libumm_ucx.so" "$bin/"
+
+out="$(mktemp -d "$target/ucx-vm.XXXXXX")"
+[ -n "${TEST_UCX_KEEP:-}" ] || trap 'rm -rf "$out"' EXIT
+set +e
+scripts/vm --timeout 600 --out "$out" --env TEST_UCX_ROWS="$rows" \
+    --env TEST_UCX_MONITORS="${TEST_UCX_MONITORS:-stock umm}" -- "$0" --in-guest "$bin" |
+    grep -v 'Failed sending ACK'
+vm_rc=${PIPESTATUS[0]}
+set -e
+[ "$vm_rc" = 0 ] || echo "!!! the guest run exited $vm_rc"
+
+res="$out/results"
+[ -s "$res" ] || { echo "no results from the guest"; exit 1; }
+get() { # row mon field
+    grep "row=$1 " "$res" | grep "mon=$2 " | sed -n "s/.* $3=\([^ ]*\).*/\1/p" | head -1
+}
+echo
+echo "UCX 1.13 rc_verbs over Soft-RoCE (rxe1 -> rxe0), 1 MiB rendezvous sends; the buffer's"
+echo "mapping changes between two sends; bytes = what the receiver got the second time."
+echo
+printf '| %-34s | %-12s | %-11s | %-12s | %-11s | %-13s |\n' "change between the sends" \
+    "stock bytes" "stock regs" "umm bytes" "umm regs" "umm inval."
+printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0s' {1..14})" \
+    "$(printf -- '-%.0s' {1..13})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..13})" \
+    "$(printf -- '-%.0s' {1..15})"
+declare -A title=(
+    [libc]="libc munmap + mmap"
+    [raw]="syscall(SYS_munmap) + SYS_mmap"
+    [fixed]="mmap(MAP_FIXED) over it"
+    [fork]="fork, parent writes"
+    [punch]="fallocate(PUNCH_HOLE), tmpfs shared"
+    [shmremap]="shmat(SHM_REMAP)"
+    [dontneed]="madvise(MADV_DONTNEED)"
+)
+bad=0
+for row in $rows; do
+    sb="$(get "$row" stock second)"; ub="$(get "$row" umm second)"
+    printf '| %-34s | %-12s | %-11s | %-12s | %-11s | %-13s |\n' "${title[$row]}" "${sb:-?}" \
+        "$(get "$row" stock regs)" "${ub:-?}" "$(get "$row" umm regs)" "$(get "$row" umm inval)"
+    if [ "$ub" != new ]; then
+        echo "!!! umm-ucx: row $row got '$ub' bytes, not the new ones"
+        bad=1
+    fi
+    if [[ " $stock_fails " == *" $row "* ]] && [ "$sb" != old ]; then
+        echo "!!! stock UCX: row $row got '$sb', but issue 16 measured old bytes there"
+        bad=1
+    fi
+done
+echo
+echo "regs: ibv_reg_mr* calls in the sender (regcount), UCX's own bounce buffers included."
+echo "umm inval.: ranges umm-ucx handed to ucm_vm_munmap (kernel-module source)."
+if [ "$bad" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
+exit "$bad"
