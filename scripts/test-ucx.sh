@@ -104,11 +104,11 @@ echo
 echo "UCX 1.13 rc_verbs over Soft-RoCE (rxe1 -> rxe0), 1 MiB rendezvous sends; the buffer's"
 echo "mapping changes between two sends; bytes = what the receiver got the second time."
 echo
-printf '| %-34s | %-12s | %-11s | %-12s | %-11s | %-13s |\n' "change between the sends" \
+printf '| %-35s | %-11s | %-10s | %-9s | %-8s | %-10s |\n' "change between the sends" \
     "stock bytes" "stock regs" "umm bytes" "umm regs" "umm inval."
-printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0s' {1..14})" \
-    "$(printf -- '-%.0s' {1..13})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..13})" \
-    "$(printf -- '-%.0s' {1..15})"
+dashes() { printf -- '-%.0s' $(seq "$1"); }
+printf '|%s|%s|%s|%s|%s|%s|\n' "$(dashes 37)" "$(dashes 13)" "$(dashes 12)" "$(dashes 11)" \
+    "$(dashes 10)" "$(dashes 12)"
 declare -A title=(
     [libc]="libc munmap + mmap"
     [raw]="syscall(SYS_munmap) + SYS_mmap"
@@ -121,7 +121,7 @@ declare -A title=(
 bad=0
 for row in $rows; do
     sb="$(get "$row" stock second)"; ub="$(get "$row" umm second)"
-    printf '| %-34s | %-12s | %-11s | %-12s | %-11s | %-13s |\n' "${title[$row]}" "${sb:-?}" \
+    printf '| %-35s | %-11s | %-10s | %-9s | %-8s | %-10s |\n' "${title[$row]}" "${sb:-?}" \
         "$(get "$row" stock regs)" "${ub:-?}" "$(get "$row" umm regs)" "$(get "$row" umm inval)"
     if [ "$ub" != new ]; then
         echo "!!! umm-ucx: row $row got '$ub' bytes, not the new ones"
