@@ -91,18 +91,26 @@ type RegMr = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, c_int) -> *mu
 type RegMrIova = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, u64, c_int) -> *mut c_void;
 type RegMrIova2 = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, u64, c_uint) -> *mut c_void;
 type DeregMr = unsafe extern "C" fn(*mut c_void) -> c_int;
-type MdMemReg = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, c_uint, *mut *mut c_void) -> c_int;
+type MdMemReg =
+    unsafe extern "C" fn(*mut c_void, *mut c_void, usize, c_uint, *mut *mut c_void) -> c_int;
 
 /// libibverbs' `ibv_reg_mr`, watched.
 ///
 /// # Safety
 /// As libibverbs' `ibv_reg_mr`.
 #[no_mangle]
-pub unsafe extern "C" fn ibv_reg_mr(pd: *mut c_void, addr: *mut c_void, len: usize, access: c_int) -> *mut c_void {
+pub unsafe extern "C" fn ibv_reg_mr(
+    pd: *mut c_void,
+    addr: *mut c_void,
+    len: usize,
+    access: c_int,
+) -> *mut c_void {
     static REAL: AtomicUsize = AtomicUsize::new(0);
     let f = resolve(&REAL, c"ibv_reg_mr", Some(c"IBVERBS_1.1"), IBVERBS);
     // SAFETY: `f` is libibverbs' ibv_reg_mr, whose signature RegMr mirrors.
-    register(addr, len, || unsafe { std::mem::transmute::<usize, RegMr>(f)(pd, addr, len, access) })
+    register(addr, len, || unsafe {
+        std::mem::transmute::<usize, RegMr>(f)(pd, addr, len, access)
+    })
 }
 
 /// libibverbs' `ibv_reg_mr_iova`, watched.

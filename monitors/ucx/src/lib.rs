@@ -91,17 +91,17 @@ pub enum UcxError {
     UnusableSource(&'static str),
     /// The kernel module could not be opened (and userfaultfd was not allowed or failed).
     #[error("kernel module: {0}")]
-    Kmod(#[from] umm_kmod::Error),
+    Kmod(Box<umm_kmod::Error>),
     /// userfaultfd could not be set up.
     #[error("userfaultfd: {0}")]
-    Uffd(#[from] umm_uffd::UffdError),
+    Uffd(Box<umm_uffd::UffdError>),
     /// Neither source is available.
     #[error("no notifier source: kernel module: {kmod}; userfaultfd: {uffd}")]
     NoSource {
         /// Why the kernel module failed.
-        kmod: umm_kmod::Error,
+        kmod: Box<umm_kmod::Error>,
         /// Why userfaultfd failed.
-        uffd: umm_uffd::UffdError,
+        uffd: Box<umm_uffd::UffdError>,
     },
 }
 
@@ -179,8 +179,12 @@ fn open_source(pref: Preference) -> Result<(Arc<dyn NotifierSource>, SourceKind)
         Ok(s)
     };
     match pref {
-        Preference::Only(SourceKind::Kmod) => Ok((kmod()?, SourceKind::Kmod)),
-        Preference::Only(SourceKind::Uffd) => Ok((uffd()?, SourceKind::Uffd)),
+        Preference::Only(SourceKind::Kmod) => kmod()
+            .map(|s| (s, SourceKind::Kmod))
+            .map_err(|e| UcxError::Kmod(Box::new(e))),
+        Preference::Only(SourceKind::Uffd) => uffd()
+            .map(|s| (s, SourceKind::Uffd))
+            .map_err(|e| UcxError::Uffd(Box::new(e))),
         Preference::Only(SourceKind::Interpose) => Err(UcxError::UnusableSource("interpose")),
         Preference::None => Err(UcxError::UnusableSource("none")),
         Preference::Auto => match kmod() {
@@ -190,7 +194,10 @@ fn open_source(pref: Preference) -> Result<(Arc<dyn NotifierSource>, SourceKind)
                     tracing::info!(target: "umm_ucx", kmod = %k, "kernel module unavailable, using userfaultfd");
                     Ok((s, SourceKind::Uffd))
                 }
-                Err(u) => Err(UcxError::NoSource { kmod: k, uffd: u }),
+                Err(u) => Err(UcxError::NoSource {
+                    kmod: Box::new(k),
+                    uffd: Box::new(u),
+                }),
             },
         },
     }
@@ -209,24 +216,7 @@ pub fn install() -> Result<&'static Monitor, UcxError> {
     if external {
         ucm::set_external_vm_unmapped();
     }
-    let seen = source
-        .generation()
-        .map_or(0, |g| g.load(Ordering::Acquire));
-    let monitor = Monitor {
-        source,
-        kind,
-        strict: env_flag("UMM_UCX_STRICT", true),
-        external,
-        seen: AtomicU64::new(seen),
-        next_cookie: AtomicU64::new(1),
-        mrs: Mutex::new(HashMap::new()),
-        watched: AtomicU64::new(0),
-        refused: AtomicU64::new(0),
-        unprotected: AtomicU64::new(0),
-        drains: AtomicU64::new(0),
-        invalidations: AtomicU64::new(0),
-        invalidate_all: AtomicU64::new(0),
-    };
+    let monitor = Monitor::new(source, kind, env_flag("UMM_UCX_STRICT", true), external);
     tracing::info!(target: "umm_ucx", source = kind.name(), external, strict = monitor.strict, "umm-ucx installed");
     Ok(MONITOR.get_or_init(|| monitor))
 }
@@ -249,6 +239,30 @@ pub(crate) enum Watch {
 }
 
 impl Monitor {
+    fn new(
+        source: Arc<dyn NotifierSource>,
+        kind: SourceKind,
+        strict: bool,
+        external: bool,
+    ) -> Monitor {
+        let seen = source.generation().map_or(0, |g| g.load(Ordering::Acquire));
+        Monitor {
+            source,
+            kind,
+            strict,
+            external,
+            seen: AtomicU64::new(seen),
+            next_cookie: AtomicU64::new(1),
+            mrs: Mutex::new(HashMap::new()),
+            watched: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            unprotected: AtomicU64::new(0),
+            drains: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            invalidate_all: AtomicU64::new(0),
+        }
+    }
+
     /// The source's name: `kmod` or `uffd`.
     pub fn source_name(&self) -> &'static str {
         self.kind.name()
@@ -366,37 +380,14 @@ impl InvalidationSink for Sink<'_> {
 /// `UMM_UCX_AUTO` is not `0`.
 fn auto_install_wanted(ld_preload: Option<&str>, auto: Option<&str>) -> bool {
     let preloaded = ld_preload.is_some_and(|p| {
-        p.split([' ', ':'])
-            .any(|lib| lib.rsplit('/').next().is_some_and(|n| n.starts_with("libumm_ucx")))
+        p.split([' ', ':']).any(|lib| {
+            lib.rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("libumm_ucx"))
+        })
     });
     preloaded && !matches!(auto, Some("0" | "n" | "no" | "off"))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_constructor_installs_only_when_preloaded_and_not_disabled() {
-        let lib = Some("/opt/umm/lib/libumm_ucx.so");
-        assert!(auto_install_wanted(lib, None));
-        assert!(auto_install_wanted(Some("libregcount.so libumm_ucx.so"), None));
-        assert!(auto_install_wanted(Some("a.so:libumm_ucx.so"), Some("1")));
-        assert!(!auto_install_wanted(lib, Some("0")));
-        assert!(!auto_install_wanted(Some("/x/libumm_ucxfoo_not.so.x"), Some("0")));
-        assert!(!auto_install_wanted(Some("libregcount.so"), None));
-        assert!(!auto_install_wanted(None, None));
-    }
-
-    #[test]
-    fn interpose_and_none_are_refused() {
-        assert!(matches!(
-            open_source(Preference::Only(SourceKind::Interpose)),
-            Err(UcxError::UnusableSource("interpose"))
-        ));
-        assert!(matches!(
-            open_source(Preference::None),
-            Err(UcxError::UnusableSource("none"))
-        ));
-    }
-}
+mod tests;

@@ -6,6 +6,10 @@ use std::ffi::{c_int, c_void};
 /// subscribes to.
 pub const UCM_EVENT_VM_UNMAPPED: c_int = 1 << 17;
 
+// libucm leaves symbols for libucs to define (ucs_load_modules...): link both.
+#[link(name = "ucs")]
+extern "C" {}
+
 #[link(name = "ucm")]
 extern "C" {
     fn ucm_set_external_event(events: c_int);
