@@ -21,6 +21,8 @@
  * Methods: libc raw fixed fork punch shmremap dontneed
  *
  * Build: cc -O2 -Wall -Wextra -o ucx_bytes ucx_bytes.c -lucp -lucs
+ * Linked with umm-ucx (calls umm_ucx_install() first, prints its counters at
+ * exit): add -DUMM_UCX_LINKED -I monitors/ucx/include and -lumm_ucx BEFORE -lucp.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -38,6 +40,9 @@
 #include <sys/wait.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
+#ifdef UMM_UCX_LINKED
+#include <umm_ucx.h>
+#endif
 
 #define LEN (1UL << 20)
 #define TAG 0x5eedULL
@@ -349,12 +354,34 @@ static int sender(const char *ip, const char *port, const char *method)
 	return 0;
 }
 
+#ifdef UMM_UCX_LINKED
+static void print_umm_stats(void)
+{
+	struct umm_ucx_stats s;
+
+	if (umm_ucx_stats(&s) == 0)
+		fprintf(stderr,
+			"umm-ucx pid=%d source=%s linked watched=%llu refused=%llu invalidations=%llu\n",
+			getpid(), umm_ucx_source(),
+			(unsigned long long)s.watched,
+			(unsigned long long)s.refused,
+			(unsigned long long)s.invalidations);
+}
+#endif
+
 int main(int argc, char **argv)
 {
 	/* A hang must fail the run, not stall it. */
 	const char *t = getenv("BYTES_TIMEOUT");
 
 	alarm(t ? (unsigned)atoi(t) : 300);
+#ifdef UMM_UCX_LINKED
+	if (umm_ucx_install()) {
+		fprintf(stderr, "umm_ucx_install: %s\n", umm_ucx_last_error());
+		return 2;
+	}
+	atexit(print_umm_stats);
+#endif
 	if (argc == 5 && !strcmp(argv[1], "recv"))
 		return receiver(argv[2], argv[3], argv[4]);
 	if (argc == 5 && !strcmp(argv[1], "send"))

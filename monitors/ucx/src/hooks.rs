@@ -189,6 +189,48 @@ pub unsafe extern "C" fn uct_md_mem_reg(
     unsafe { std::mem::transmute::<usize, MdMemReg>(f)(md, address, length, flags, memh) }
 }
 
+/// The base address of the object that contains `addr`, and its file name.
+fn object_of(addr: usize) -> (usize, String) {
+    // SAFETY: dladdr only reads the loader's tables; `info` is a plain out-parameter.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::dladdr(addr as *const c_void, &mut info) } == 0 || info.dli_fname.is_null() {
+        return (0, String::from("?"));
+    }
+    // SAFETY: dladdr set dli_fname to a NUL-terminated string owned by the loader.
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    (info.dli_fbase as usize, name.to_string_lossy().into_owned())
+}
+
+/// Checks that the process's global symbol lookup finds this library's definitions of
+/// the hooked functions first (else UCX's calls would bypass them): `Err((symbol, object
+/// that defines it first))`.
+pub(crate) fn hooks_reachable() -> Result<(), (&'static str, String)> {
+    let (ours, _) = object_of(hooks_reachable as *const () as usize);
+    for name in [
+        c"ibv_reg_mr",
+        c"ibv_reg_mr_iova2",
+        c"ibv_dereg_mr",
+        c"uct_md_mem_reg",
+    ] {
+        // SAFETY: dlsym with a valid NUL-terminated name.
+        let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        let (base, object) = object_of(f as usize);
+        if f.is_null() || base != ours {
+            let symbol = name.to_str().unwrap_or("?");
+            return Err((
+                symbol,
+                if f.is_null() {
+                    String::from("nothing")
+                } else {
+                    object
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
 static LAST_ERROR: Mutex<Option<std::ffi::CString>> = Mutex::new(None);
 
 /// Installs the monitor (see [`crate::install`]); 0 on success, -1 on failure

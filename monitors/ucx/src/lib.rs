@@ -95,6 +95,15 @@ pub enum UcxError {
     /// userfaultfd could not be set up.
     #[error("userfaultfd: {0}")]
     Uffd(Box<umm_uffd::UffdError>),
+    /// UCX's calls would not reach this library's hooks: another object defines them
+    /// first in the process's lookup order. UCX's own hooks are left in place.
+    #[error("{symbol} resolves to {object}, not to umm-ucx: preload libumm_ucx.so first, or link -lumm_ucx before -lucp and -libverbs (and do not preload libibverbs)")]
+    Bypassed {
+        /// The hooked function.
+        symbol: &'static str,
+        /// Where the process finds it first.
+        object: String,
+    },
     /// Neither source is available.
     #[error("no notifier source: kernel module: {kmod}; userfaultfd: {uffd}")]
     NoSource {
@@ -211,6 +220,9 @@ pub fn install() -> Result<&'static Monitor, UcxError> {
     if let Some(m) = MONITOR.get() {
         return Ok(m);
     }
+    // Without the hooks, declaring the event external would leave the rcache with no
+    // unmap events at all: check first.
+    hooks::hooks_reachable().map_err(|(symbol, object)| UcxError::Bypassed { symbol, object })?;
     let (source, kind) = open_source(Preference::from_env()?)?;
     let external = !env_flag("UMM_UCX_KEEP_UCM_HOOKS", false);
     if external {
