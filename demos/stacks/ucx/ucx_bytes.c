@@ -19,6 +19,8 @@
  *   ucx_bytes recv <ip> <port> <method>     (prints "listening" when ready)
  *   ucx_bytes send <ip> <port> <method>
  * Methods: libc raw fixed fork punch shmremap dontneed
+ * BYTES_TIMEOUT=<s> limits the run (default 300); BYTES_DEBUG=1 prints the
+ * buffer address and the endpoint's configuration after the first send.
  *
  * Build: cc -O2 -Wall -Wextra -o ucx_bytes ucx_bytes.c -lucp -lucs
  * Linked with umm-ucx (calls umm_ucx_install() first, prints its counters at
