@@ -34,7 +34,7 @@ cd "$repo"
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-libs=(umm umm-rdma umm-cuda umm-vulkan umm-uffd umm-interpose umm-preload umm-kmod umm-auto umm-capi umm-ucx)
+libs=(umm umm-rdma umm-cuda umm-vulkan umm-uffd umm-interpose umm-preload umm-kmod umm-auto umm-capi umm-fabric umm-ucx)
 passed=0
 failed=0
 step() { # name command...

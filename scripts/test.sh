@@ -72,4 +72,7 @@ bash scripts/test-torture.sh --guest-only
 step "libfabric with umm-fabric vs its stock monitor: bytes on Soft-RoCE, and an Open MPI job (qemu guest)"
 bash scripts/test-fabric.sh --no-uffd --mpi
 
+step "UCX with umm-ucx vs its stock hooks: bytes on Soft-RoCE (qemu guest)"
+bash scripts/test-ucx.sh
+
 step "all tests passed"

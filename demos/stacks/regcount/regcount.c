@@ -33,13 +33,24 @@ static atomic_ulong regs, reg_bytes, deregs;
  */
 static __thread int depth;
 
-/* The versions libibverbs (rdma-core) exports these symbols under. */
+/*
+ * The next definition of `name`: the next object in the lookup order first (plain name, so
+ * that an unversioned wrapper preloaded after this one is not skipped), then the version
+ * libibverbs (rdma-core) exports it under, then libibverbs itself when it was loaded
+ * privately (UCX dlopens it: RTLD_NEXT does not see it then).
+ */
 static void *next(const char *name, const char *version)
 {
-	void *f = dlvsym(RTLD_NEXT, name, version);
+	void *f = dlsym(RTLD_NEXT, name);
+	void *verbs;
 
 	if (!f)
-		f = dlsym(RTLD_NEXT, name);
+		f = dlvsym(RTLD_NEXT, name, version);
+	if (!f) {
+		verbs = dlopen("libibverbs.so.1", RTLD_NOW | RTLD_NOLOAD);
+		if (verbs)
+			f = dlvsym(verbs, name, version);
+	}
 	if (!f) {
 		fprintf(stderr, "regcount: %s not found\n", name);
 		abort();
