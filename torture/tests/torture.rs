@@ -160,7 +160,12 @@ fn planted_bug_no_source_fails() {
 }
 
 /// `--seed S --threads 1` replays: the same seed gives the same operations with the same
-/// outcomes (the control source, so nothing depends on event timing).
+/// outcomes (the control source, so nothing depends on event timing). Whether one pin is a
+/// hit or a fresh registration may still differ between two runs in one process: the heap
+/// operations pin `malloc` blocks, and the allocator (whose state the first run changed)
+/// may place a block where a cached entry is, or not. So the pins are compared as a total
+/// (hits + registrations: every pin of every device is one or the other). A CI run saw
+/// 2437 + 843 vs 2438 + 842.
 #[test]
 fn one_thread_runs_replay_from_the_seed() {
     let o = Options {
@@ -172,7 +177,7 @@ fn one_thread_runs_replay_from_the_seed() {
     let b = green(&o).expect("manual");
     assert_eq!(a.per_op, b.per_op, "same seed, different operation streams");
     assert_eq!(
-        (a.pins_checked, a.registrations, a.hits),
-        (b.pins_checked, b.registrations, b.hits)
+        (a.pins_checked, a.registrations + a.hits),
+        (b.pins_checked, b.registrations + b.hits)
     );
 }
