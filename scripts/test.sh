@@ -44,7 +44,7 @@ step "packaging (cargo package / publish --dry-run of every library crate; a pro
 bash scripts/check-package.sh --quick
 
 step "benchmarks compile"
-cargo bench --workspace --locked --no-run
+cargo bench --workspace --benches --locked --no-run
 
 step "C API from C (header check; C tests on libumm.so and libumm.a; install + pkg-config; verbs in the guest)"
 bash scripts/test-capi.sh
