@@ -142,6 +142,20 @@ fn a_second_manager_is_refused() {
     second.add_source(source2).unwrap();
 }
 
+/// A manager with one recording device and an interposition source installed with
+/// `options` (the caller holds `SERIAL`).
+fn manager_with(
+    options: umm_interpose::Options,
+) -> (Arc<Manager>, umm::Device<umm::testing::RecordingBackend>) {
+    let manager = Arc::new(Manager::default());
+    let dev = manager
+        .attach(umm::testing::RecordingBackend::new("rec"))
+        .unwrap();
+    let source = InterposeSource::install_with(&manager, options).unwrap();
+    manager.add_source(source).unwrap();
+    (manager, dev)
+}
+
 fn memfd_mapping(len: usize) -> (i32, *mut libc::c_void) {
     // SAFETY: a memfd of `len` bytes, mapped shared; the caller unmaps and closes.
     unsafe {
@@ -177,12 +191,7 @@ fn strict_mode_refuses_file_mappings_and_non_strict_accepts_them() {
         umm_interpose::Options::strict(false),
     ] {
         let strict = options.strict;
-        let manager = Arc::new(Manager::default());
-        let dev = manager
-            .attach(umm::testing::RecordingBackend::new("rec"))
-            .unwrap();
-        let source = InterposeSource::install_with(&manager, options).unwrap();
-        manager.add_source(source).unwrap();
+        let (manager, dev) = manager_with(options);
         drop(
             manager
                 .pin(anon_range, &[dev.id()])
@@ -227,12 +236,7 @@ fn strict_mode_refuses_everything_until_libc_only_is_declared() {
         (umm_interpose::Options::default(), true),
         (umm_interpose::Options::libc_only(), false),
     ] {
-        let manager = Arc::new(Manager::default());
-        let dev = manager
-            .attach(umm::testing::RecordingBackend::new("rec"))
-            .unwrap();
-        let source = InterposeSource::install_with(&manager, options).unwrap();
-        manager.add_source(source).unwrap();
+        let (manager, dev) = manager_with(options);
         match manager.pin(range, &[dev.id()]).map(drop) {
             Err(umm::Error::Uncovered {
                 range: r,
@@ -260,13 +264,7 @@ fn a_parent_write_after_fork_is_never_served_from_the_cache() {
     let len = 4 * umm::page_size();
     let anon = map(len);
     let range = umm::Range::new(anon as usize, len).unwrap();
-    let manager = Arc::new(Manager::default());
-    let dev = manager
-        .attach(umm::testing::RecordingBackend::new("rec"))
-        .unwrap();
-    let source =
-        InterposeSource::install_with(&manager, umm_interpose::Options::libc_only()).unwrap();
-    manager.add_source(source).unwrap();
+    let (manager, dev) = manager_with(umm_interpose::Options::libc_only());
     let id = |m: &Manager| m.pin(range, &[dev.id()]).unwrap().registration_id(dev.id());
     let before = id(&manager);
     assert_eq!(id(&manager), before, "no hit before the fork");
