@@ -459,8 +459,8 @@ fn notice_forks(shared: &Arc<Shared>) {
 /// `pthread_atfork` parent handler. After a fork the parent's private pages are shared
 /// copy-on-write with the child; the parent's next write to one moves that address to a
 /// new frame with no unmap, which no userfaultfd event reports (the kernel's MMU
-/// notifier does report it, as an invalidation at the fork). So every live source marks
-/// itself `forked` and moves its generation before `fork()` returns in the parent: the
+/// notifier does report it, as an invalidation at the fork). So every live source sets
+/// its `overflow` flag ("invalidate everything") and moves its generation before `fork()` returns in the parent: the
 /// next cache hit drains and invalidates everything. The generation is settled at once
 /// (there is nothing for the reader to record); a reader announcement it overtakes is
 /// covered by the invalidation of everything. Registrations that pin pages for DMA are
@@ -469,7 +469,7 @@ fn notice_forks(shared: &Arc<Shared>) {
 extern "C" fn note_fork_in_parent() {
     let live = FORK_NOTICES.lock();
     for s in live.iter().filter_map(Weak::upgrade) {
-        s.forked.store(true, Ordering::Release);
+        s.overflow.store(true, Ordering::Release);
         let g = s.generation.fetch_add(1, Ordering::AcqRel) + 1;
         s.settled.fetch_max(g, Ordering::AcqRel);
         s.fork_notices.fetch_add(1, Ordering::Relaxed);
@@ -490,7 +490,8 @@ struct Shared {
     stop: ProcessFd,
     /// Ranges recorded by the reader, not yet drained.
     ring: ArrayQueue<Range>,
-    /// Set by the reader when `ring` was full; the next drain invalidates everything.
+    /// Set by the reader when `ring` was full, or by the fork handler
+    /// ([`note_fork_in_parent`]); the next drain invalidates everything.
     overflow: AtomicBool,
     /// Bumped by the reader when `poll` reports pending events, **before** the `read(2)`
     /// that hands them out and thereby releases the threads blocked in munmap/mremap/
@@ -502,10 +503,6 @@ struct Shared {
     settled: AtomicU64,
     /// Set when the reader thread exited; drain then stops waiting for `settled`.
     reader_gone: AtomicBool,
-    /// Set by the `pthread_atfork` parent handler ([`note_fork_in_parent`]): the parent's
-    /// private pages became copy-on-write, and a write after the fork moves them to new
-    /// frames, which no userfaultfd event reports. The next drain invalidates everything.
-    forked: AtomicBool,
     /// Optional sink the reader calls after recording (see [`UffdSource::set_eager_sink`]).
     eager: OnceLock<Weak<dyn InvalidationSink>>,
     unmap_events: AtomicU64,
@@ -704,7 +701,6 @@ impl UffdSource {
             generation: AtomicU64::new(0),
             settled: AtomicU64::new(0),
             reader_gone: AtomicBool::new(false),
-            forked: AtomicBool::new(false),
             eager: OnceLock::new(),
             unmap_events: AtomicU64::new(0),
             remap_events: AtomicU64::new(0),
@@ -1170,8 +1166,7 @@ impl NotifierSource for UffdSource {
                 break;
             }
         }
-        let forked = self.shared.forked.swap(false, Ordering::AcqRel);
-        if self.shared.overflow.swap(false, Ordering::AcqRel) | forked {
+        if self.shared.overflow.swap(false, Ordering::AcqRel) {
             // Ranges still in the ring are covered by this too; drop them.
             while self.shared.ring.pop().is_some() {}
             sink.invalidate_all();
