@@ -104,19 +104,20 @@ pub(crate) enum Acquire {
     Saturated,
 }
 
-/// State only the holder of the device's writer lock touches.
+/// State only the holder of the device's writer lock touches: the entry's links in the
+/// device's intrusive lists (see `manager::lists`) and which of them it is on. The range
+/// and the registration id are not repeated here: the header and [`Published`] hold them.
 pub(crate) struct WriterSide {
-    /// The registered range (the lock-free copy is in the header).
-    pub range: Range,
-    /// Unique per registration; the cookie given to notifier sources.
-    pub id: u64,
-    /// Position in the device's LRU (or in its list of parked, pinned entries).
-    pub lru_seq: u64,
+    pub prev: Option<EntryRef>,
+    pub next: Option<EntryRef>,
     /// Whether the entry is parked: found pinned by the evictor and taken off the LRU so
     /// that sweeps do not revisit it (it returns when its last pin drops).
     pub parked: bool,
-    /// Whether the entry is on the device's `stale` list (invalid, still referenced).
+    /// Whether the entry is on the device's stale list (invalid, still referenced).
     pub stale: bool,
+    /// Whether the entry is in the device's map of shadowed entries (a newer entry took
+    /// some of its pages in the index).
+    pub shadowed: bool,
 }
 
 /// One stripe's counters, padded by a cache line so that the same entry's counters in
@@ -163,7 +164,6 @@ unsafe impl Send for Chunk {}
 
 impl Chunk {
     pub(crate) fn new(device: u32) -> Box<Chunk> {
-        let placeholder = Range::new(0, 1).expect("static range");
         Box::new(Chunk {
             device,
             headers: std::array::from_fn(|_| Header {
@@ -180,11 +180,11 @@ impl Chunk {
             translations: std::array::from_fn(|_| UnsafeCell::new(None)),
             writers: std::array::from_fn(|_| {
                 UnsafeCell::new(WriterSide {
-                    range: placeholder,
-                    id: 0,
-                    lru_seq: 0,
+                    prev: None,
+                    next: None,
                     parked: false,
                     stale: false,
+                    shadowed: false,
                 })
             }),
         })
@@ -371,10 +371,9 @@ impl EntryRef {
         unsafe {
             *self.chunk().translations[self.slot()].get() = Some(Published { id, translation });
             let w = self.writer();
-            w.range = range;
-            w.id = id;
             w.stale = false;
             w.parked = false;
+            w.shadowed = false;
         }
         let h = self.header();
         h.start.store(range.start(), Ordering::Relaxed);
@@ -403,6 +402,26 @@ impl EntryRef {
     pub(crate) unsafe fn published(&self) -> Option<&Published> {
         // SAFETY: no writer runs while a reference is held (caller's contract).
         unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }
+    }
+
+    /// The registered range of a published entry (the lock holder's view; exact under
+    /// the device's writer lock).
+    pub(crate) fn range(&self) -> Range {
+        self.range_unlocked().expect("a published entry")
+    }
+
+    /// The device era the entry was published in.
+    pub(crate) fn era(&self) -> u64 {
+        self.header().era.load(Ordering::Relaxed)
+    }
+
+    /// The registration id, read by the device's writer lock holder (0 if not published).
+    ///
+    /// # Safety
+    /// The caller holds the owning device's writer lock (the only writer of the cell).
+    pub(crate) unsafe fn id_locked(&self) -> u64 {
+        // SAFETY: only the lock holder writes the cell (caller's contract); pins only read.
+        unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }.map_or(0, |p| p.id)
     }
 
     /// The registered range, for a holder of a reference (lock-free copy).

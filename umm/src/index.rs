@@ -222,11 +222,17 @@ impl RadixIndex {
         }
     }
 
+    /// Whether the tree can hold every page below `end` (entries reaching beyond it are
+    /// not in the tree).
+    pub(crate) fn covers(&self, end: usize) -> bool {
+        (((end - 1) >> PAGE_BITS) as u64) < PAGE_LIMIT
+    }
+
     /// Whether any page of `[start, end)` may hold an entry. Entries beyond the covered
     /// address space are not in the tree, so a range reaching beyond it always may.
     /// Lock-free, allocation-free.
     pub(crate) fn any_in(&self, start: usize, end: usize) -> bool {
-        if ((end - 1) >> PAGE_BITS) as u64 >= PAGE_LIMIT {
+        if !self.covers(end) {
             return true;
         }
         match pages(start, end) {
@@ -251,6 +257,40 @@ impl RadixIndex {
                 Self::any_in_node(child, level - 1, base + ((idx as u64) << bits), first, last)
             }
         })
+    }
+
+    /// Calls `f` with the entry word of every page of `[start, end)` that holds one, in
+    /// address order (a word covering many pages through an upper slot is passed once
+    /// per slot, so the same word may come several times). Caller holds the writer lock
+    /// (the tree does not change meanwhile). Allocation-free.
+    pub(crate) fn for_each_in(&self, start: usize, end: usize, f: &mut dyn FnMut(usize)) {
+        if let Some((first, last)) = pages(start, end) {
+            Self::for_each_in_node(&self.root, LEVELS - 1, 0, first, last, f);
+        }
+    }
+
+    fn for_each_in_node(
+        node: &Node,
+        level: u32,
+        base: u64,
+        first: u64,
+        last: u64,
+        f: &mut dyn FnMut(usize),
+    ) {
+        let bits = span_bits(level);
+        let lo = ((first.max(base) - base) >> bits) as usize;
+        let hi = ((last - base) >> bits).min(FANOUT as u64 - 1) as usize;
+        for idx in lo..=hi {
+            let v = node.slots[idx].load(Ordering::Acquire);
+            if v & ENTRY_TAG != 0 {
+                f(v & !ENTRY_TAG);
+            } else if v != 0 && level > 0 {
+                // SAFETY: child node, see `lookup`.
+                let child = unsafe { &*(v as *const Node) };
+                let child_base = base + ((idx as u64) << bits);
+                Self::for_each_in_node(child, level - 1, child_base, first, last, f);
+            }
+        }
     }
 
     /// Points every page of `[start, end)` at `entry` (the newest entry wins).
@@ -383,6 +423,23 @@ mod tests {
         ix.remove(big.0, big.1, fake(1));
         assert!(ix.lookup(big.0) == 0 && ix.lookup(big.0 + 0x5000) == 0);
         assert!(!ix.any_in(big.0, big.1));
+    }
+
+    #[test]
+    fn for_each_in_visits_the_words_of_the_range_in_order() {
+        let ix = RadixIndex::new();
+        let words = |start, end| {
+            let mut v = Vec::new();
+            ix.for_each_in(start, end, &mut |w| v.push(w));
+            v
+        };
+        ix.insert(1 << 30, 2 << 30, fake(1)); // one upper slot: passed once
+        ix.insert(0x10000, 0x12000, fake(2)); // two leaf pages
+        ix.insert(0x11000, 0x13000, fake(3)); // over the second one, and one more
+        assert_eq!(words(0, 3 << 30), vec![fake(2), fake(3), fake(3), fake(1)]);
+        assert_eq!(words(0x11fff, 0x12001), vec![fake(3), fake(3)]);
+        assert_eq!(words(0x13000, 1 << 30), Vec::<usize>::new());
+        assert_eq!(words((1 << 30) + 5, (1 << 30) + 6), vec![fake(1)]);
     }
 
     #[test]

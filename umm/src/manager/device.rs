@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::index::RadixIndex;
 use crate::range::Range;
 
+use super::lists::{FreeList, List};
 use super::Manager;
 
 /// Capacity of each device's queue of recorded invalidations; beyond it the device
@@ -28,26 +29,30 @@ pub(super) const RELEASE_CAPACITY: usize = 1024;
 pub(super) type EntryMap = BTreeMap<(usize, u64), EntryRef>;
 
 /// What only the device's writer lock holder touches.
+///
+/// Every published entry is on exactly one list: `lru` or `parked` (live, current era),
+/// `old` (live but of an earlier era: invalidated wholesale, still to be unlinked),
+/// `stale` (invalid, still pinned), `doomed` (invalid, waiting for its deregistration) or
+/// `free`. The radix index finds the live and old entries by page; `shadowed` holds the
+/// ones it cannot find that way.
 pub(super) struct DeviceState {
-    pub free: Vec<EntryRef>,
-    /// Live entries (valid, findable).
-    pub live: EntryMap,
-    /// Longest entry ever: bounds the backward scan for overlaps (live and old).
+    pub free: FreeList,
+    /// Live and old entries of which a newer entry took pages in the index (and those
+    /// beyond the index's reach): with the index, every live entry is found by any of its
+    /// pages. Empty unless registrations overlap.
+    pub shadowed: EntryMap,
+    /// Longest entry ever: bounds the backward scan of `shadowed` for overlaps.
     pub max_len: usize,
     /// Unreferenced-when-last-seen live entries in LRU order (CLOCK: hits set a bit, the
     /// sweep gives a second chance).
-    pub lru: BTreeMap<u64, EntryRef>,
+    pub lru: List,
     /// Live entries the evictor found pinned, off the LRU until their last pin drops.
-    pub parked: BTreeMap<u64, EntryRef>,
-    pub lru_next: u64,
+    pub parked: List,
     /// Entries of earlier eras (invalidated wholesale in O(1) by `invalidate_all` or a
     /// queue overflow), still to be unlinked; cleaned a slice at a time.
-    pub old: EntryMap,
-    /// The LRU and parked maps of earlier eras, emptied a slice at a time (dropping a
-    /// large map at once would hold the lock for O(n)).
-    pub old_lru: BTreeMap<u64, EntryRef>,
+    pub old: List,
     /// Invalidated (or merged away) entries still referenced by pins.
-    pub stale: BTreeMap<u64, EntryRef>,
+    pub stale: List,
     /// Entries with no reference left, waiting for their deregistration.
     pub doomed: Vec<EntryRef>,
     /// The range of the registration in flight (request plus the neighbours it absorbs)
@@ -137,15 +142,13 @@ impl DeviceSlot {
             owes_work: AtomicBool::new(false),
             chunks: RwLock::new(Vec::new()),
             state: Mutex::new(DeviceState {
-                free: Vec::new(),
-                live: BTreeMap::new(),
+                free: FreeList::default(),
+                shadowed: BTreeMap::new(),
                 max_len: 0,
-                lru: BTreeMap::new(),
-                parked: BTreeMap::new(),
-                lru_next: 0,
-                old: BTreeMap::new(),
-                old_lru: BTreeMap::new(),
-                stale: BTreeMap::new(),
+                lru: List::default(),
+                parked: List::default(),
+                old: List::default(),
+                stale: List::default(),
                 doomed: Vec::new(),
                 inflight: None,
             }),
@@ -277,7 +280,7 @@ impl<'a> Locked<'a> {
             }
         }
         dev.owes_work.store(
-            !st.doomed.is_empty() || !st.old.is_empty() || !st.old_lru.is_empty(),
+            !st.doomed.is_empty() || !st.old.is_empty(),
             Ordering::Relaxed,
         );
     }

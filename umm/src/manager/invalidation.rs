@@ -3,26 +3,49 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::entry::{EntryRef, INVALID};
+use smallvec::SmallVec;
+
+use crate::entry::{EntryRef, INVALID, LIVE};
 use crate::range::Range;
 
-use super::device::{DeviceSlot, DeviceState, EntryMap, Locked};
+use super::device::{DeviceSlot, DeviceState, Locked};
 use super::Manager;
 
 /// Old-era entries unlinked per lock acquisition (bounded so bulk invalidation never holds
 /// a device's lock for long).
 pub(super) const OLD_SLICE: usize = 1024;
 
-/// Entries of `map` overlapping `range`.
-pub(super) fn overlapping(map: &EntryMap, max_len: usize, range: &Range) -> Vec<EntryRef> {
-    let lo = range.start().saturating_sub(max_len);
-    map.range((lo, 0)..=(range.end(), u64::MAX))
-        .map(|(_, e)| *e)
-        .filter(|e| {
-            // SAFETY: the caller holds the writer lock (it has the map).
-            unsafe { e.writer() }.range.overlaps(range)
-        })
-        .collect()
+/// Entries found by one overlap search (inline for the usual handful).
+pub(super) type Found = SmallVec<[EntryRef; 8]>;
+
+/// Every live or old-era entry of the device overlapping `range`: the ones the index has on
+/// the range's pages, and the shadowed ones (see `DeviceState::shadowed`). Callers tell
+/// current and old eras apart with [`EntryRef::era`]. The caller holds the writer lock.
+pub(super) fn overlapping(dev: &DeviceSlot, st: &DeviceState, range: &Range) -> Found {
+    let mut found = Found::new();
+    dev.index
+        .for_each_in(range.start(), range.end(), &mut |raw| {
+            // SAFETY: the index only holds words made by EntryRef::to_raw of this device's
+            // chunks, which live as long as the device.
+            let e = unsafe { EntryRef::from_raw(raw) };
+            if found.last() != Some(&e) {
+                found.push(e);
+            }
+        });
+    if found.len() > 1 {
+        found.sort_unstable_by_key(|e| e.to_raw());
+        found.dedup();
+    }
+    if !st.shadowed.is_empty() {
+        let lo = range.start().saturating_sub(st.max_len);
+        let shadowed = st.shadowed.range((lo, 0)..=(range.end(), u64::MAX));
+        for (_, e) in shadowed {
+            if e.range().overlaps(range) && !found.contains(e) {
+                found.push(*e);
+            }
+        }
+    }
+    found
 }
 
 impl Manager {
@@ -109,7 +132,7 @@ impl Manager {
             dev.applied.fetch_max(target, Ordering::SeqCst);
         }
         while let Some(e) = dev.releases.pop() {
-            self.reclaim(st, e);
+            self.reclaim(dev, st, e);
         }
     }
 
@@ -120,17 +143,20 @@ impl Manager {
                 *hit = true;
             }
         }
-        for e in overlapping(&st.live, st.max_len, &range) {
+        let era = dev.era();
+        for e in overlapping(dev, st, &range) {
+            if e.era() != era {
+                Self::kill_old(dev, st, e);
+                continue;
+            }
             e.set_state(INVALID);
             self.unlink_live(dev, st, e);
             dev.counters
                 .invalidated_entries
                 .fetch_add(1, Ordering::Relaxed);
-            // SAFETY: writer lock held.
-            tracing::debug!(device = %dev.id, range = %unsafe { e.writer() }.range, "invalidated");
+            tracing::debug!(device = %dev.id, range = %e.range(), "invalidated");
             Self::doom_or_keep_stale(st, e);
         }
-        self.clean_old_overlapping(dev, st, &range);
     }
 
     /// Invalidates every live entry in O(1): a new era (hits refuse older ones), and the
@@ -140,15 +166,10 @@ impl Manager {
             *hit = true;
         }
         dev.era.fetch_add(1, Ordering::SeqCst);
-        let n = st.live.len() as u64;
-        // `append` into an empty map is a swap; the LRU and parked maps are not dropped
-        // here (that is O(n)) but emptied a slice at a time with the old entries.
-        let mut live = std::mem::take(&mut st.live);
-        st.old.append(&mut live);
-        let mut lru = std::mem::take(&mut st.lru);
-        let mut parked = std::mem::take(&mut st.parked);
-        st.old_lru.append(&mut lru);
-        st.old_lru.append(&mut parked);
+        let n = (st.lru.len() + st.parked.len()) as u64;
+        // Both lists join the old one in O(1); their entries are unlinked later.
+        st.old.append(&mut st.lru);
+        st.old.append(&mut st.parked);
         dev.counters
             .invalidated_entries
             .fetch_add(n, Ordering::Relaxed);
@@ -160,15 +181,10 @@ impl Manager {
     /// `INVALID`, leaves the index, and is doomed or kept stale until its pins drop.
     pub(super) fn clean_old(&self, dev: &DeviceSlot, st: &mut DeviceState, budget: usize) {
         for _ in 0..budget {
-            if st.old_lru.pop_first().is_none() {
-                break;
-            }
-        }
-        for _ in 0..budget {
-            let Some((_, e)) = st.old.pop_first() else {
+            let Some(e) = st.old.pop_front() else {
                 return;
             };
-            Self::kill_old(dev, st, e);
+            Self::unlink_old(dev, st, e);
         }
     }
 
@@ -183,20 +199,35 @@ impl Manager {
         if st.old.is_empty() {
             return;
         }
-        for e in overlapping(&st.old, st.max_len, range) {
-            // SAFETY: writer lock held.
-            let w = unsafe { e.writer() };
-            st.old.remove(&(w.range.start(), w.id));
-            Self::kill_old(dev, st, e);
+        let era = dev.era();
+        for e in overlapping(dev, st, range) {
+            if e.era() != era {
+                Self::kill_old(dev, st, e);
+            }
         }
     }
 
+    /// Takes an old-era entry off the old list and unlinks it.
     fn kill_old(dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+        st.old.remove(e);
+        Self::unlink_old(dev, st, e);
+    }
+
+    /// Unlinks an old-era entry already off the old list. The entries it shadows are old
+    /// too (older), so nothing is re-exposed.
+    fn unlink_old(dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+        debug_assert_eq!(e.state(), LIVE);
         e.set_state(INVALID);
+        let range = e.range();
         // SAFETY: writer lock held.
         let w = unsafe { e.writer() };
         w.parked = false;
-        dev.index.remove(w.range.start(), w.range.end(), e.to_raw());
+        if std::mem::take(&mut w.shadowed) {
+            // SAFETY: writer lock held.
+            st.shadowed
+                .remove(&(range.start(), unsafe { e.id_locked() }));
+        }
+        dev.index.remove(range.start(), range.end(), e.to_raw());
         Self::doom_or_keep_stale(st, e);
     }
 
@@ -207,37 +238,43 @@ impl Manager {
             st.doomed.push(e);
         } else {
             // SAFETY: writer lock held.
-            let w = unsafe { e.writer() };
-            w.stale = true;
-            st.stale.insert(w.id, e);
+            unsafe { e.writer() }.stale = true;
+            st.stale.push_back(e);
         }
     }
 
-    /// Removes a killed or invalidated live entry from the live set, the LRU (or the
-    /// parked list) and the index, and re-exposes the live entries it shadowed there.
+    /// Removes a killed or invalidated live entry from the LRU (or the parked list), the
+    /// shadowed map and the index, and re-exposes the live entries it shadowed there.
     pub(super) fn unlink_live(&self, dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+        let range = e.range();
         // SAFETY: writer lock held.
         let w = unsafe { e.writer() };
-        let (range, id, seq) = (w.range, w.id, w.lru_seq);
-        if w.parked {
-            w.parked = false;
-            st.parked.remove(&seq);
+        if std::mem::take(&mut w.parked) {
+            st.parked.remove(e);
         } else {
-            st.lru.remove(&seq);
+            st.lru.remove(e);
         }
-        if st.live.remove(&(range.start(), id)).is_some() {
-            dev.counters.cached_entries.fetch_sub(1, Ordering::Relaxed);
+        if std::mem::take(&mut w.shadowed) {
+            // SAFETY: writer lock held.
+            st.shadowed
+                .remove(&(range.start(), unsafe { e.id_locked() }));
         }
+        dev.counters.cached_entries.fetch_sub(1, Ordering::Relaxed);
         // The live entries it shadowed take its pages over *before* it leaves the index: a
         // page a live entry covers is never empty, even for an instant, so a lock-free
         // `record` never misses that entry (it would drop the invalidation).
-        let shadowed = overlapping(&st.live, st.max_len, &range);
-        for other in &shadowed {
-            // SAFETY: writer lock held.
-            let r = unsafe { other.writer() }.range;
-            let (lo, hi) = (r.start().max(range.start()), r.end().min(range.end()));
-            dev.index.replace(lo, hi, e.to_raw(), other.to_raw());
-            dev.index.fill_empty(lo, hi, other.to_raw());
+        if !st.shadowed.is_empty() {
+            let era = dev.era();
+            let lo = range.start().saturating_sub(st.max_len);
+            for (_, other) in st.shadowed.range((lo, 0)..=(range.end(), u64::MAX)) {
+                let r = other.range();
+                if !r.overlaps(&range) || other.state() != LIVE || other.era() != era {
+                    continue;
+                }
+                let (lo, hi) = (r.start().max(range.start()), r.end().min(range.end()));
+                dev.index.replace(lo, hi, e.to_raw(), other.to_raw());
+                dev.index.fill_empty(lo, hi, other.to_raw());
+            }
         }
         #[cfg(test)]
         tests::unlink_window();

@@ -2,10 +2,11 @@
 //!
 //! # Structure
 //!
-//! Every attached device has its own cache (`device`): a lock-free radix index for hits,
-//! and behind a writer lock (`parking_lot::Mutex`, one per device, never global) the
-//! authoritative set of live entries, the LRU, the stale-but-pinned entries and the entries
-//! waiting for deregistration. A [`Pin`] of several devices holds one entry reference per
+//! Every attached device has its own cache (`device`): a lock-free radix index that finds
+//! every live entry by any of its pages (hits read it; under the lock it is also the set
+//! of live entries, with a small map of the entries a newer overlapping one shadows), and
+//! behind a writer lock (`parking_lot::Mutex`, one per device, never global) the LRU, the
+//! stale-but-pinned entries and the entries waiting for deregistration, as intrusive lists. A [`Pin`] of several devices holds one entry reference per
 //! device; a range pinned on a NIC and a GPU is one registration per device, shared by
 //! every pin of that range on that device. The code is split by job:
 //!
@@ -15,7 +16,8 @@
 //! | `device.rs` | one device's cache, its lock (`Locked`) and re-entrancy guard |
 //! | `hit.rs` | [`Manager::pin`]'s lock-free hit, [`Pin`] |
 //! | `registrar.rs` | misses: overlap rules of no-overlap devices, watch + register + publish |
-//! | `invalidation.rs` | recording and applying invalidations, eras |
+//! | `invalidation.rs` | recording and applying invalidations, eras, finding overlaps |
+//! | `lists.rs` | the intrusive entry lists (LRU, parked, old era, stale, free) |
 //! | `reclaim.rs` | deregistration (reaping), limits and eviction, `flush`, the reaper |
 //! | `../entry.rs` | the entry layout and the lock-free reference count / kill protocol |
 //!
@@ -96,6 +98,7 @@ mod config;
 mod device;
 mod hit;
 mod invalidation;
+mod lists;
 mod reclaim;
 mod registrar;
 
@@ -353,19 +356,14 @@ impl Drop for Manager {
             let mut st = dev.state.lock();
             self.apply_pending(dev, &mut st);
             self.clean_old(dev, &mut st, usize::MAX);
-            let all: Vec<_> = std::mem::take(&mut st.live)
-                .into_values()
-                .chain(std::mem::take(&mut st.stale).into_values())
-                .collect();
-            for e in all {
-                e.set_state(INVALID);
-                // SAFETY: writer lock held.
-                unsafe { e.writer() }.stale = false;
-                st.doomed.push(e);
+            let st = &mut *st;
+            for list in [&mut st.lru, &mut st.parked, &mut st.stale] {
+                while let Some(e) = list.pop_front() {
+                    e.set_state(INVALID);
+                    st.doomed.push(e);
+                }
             }
-            st.lru.clear();
-            st.parked.clear();
-            self.reap(dev, &mut st);
+            self.reap(dev, st);
         }
         crate::device::forget_names(self.id);
     }

@@ -18,13 +18,13 @@ impl Manager {
     #[cold]
     pub(super) fn slow_release(&self, dev: &DeviceSlot, e: EntryRef) {
         match Locked::try_lock(self, dev, true) {
-            Some(mut locked) => self.reclaim(locked.st(), e),
+            Some(mut locked) => self.reclaim(dev, locked.st(), e),
             None => {
                 if dev.releases.push(e).is_err() {
                     // Queue full: wait for the lock. Inside one of this device's own
                     // backend calls we cannot; the entry is then found by `flush`.
                     if let Ok(mut locked) = Locked::lock(self, dev, true) {
-                        self.reclaim(locked.st(), e);
+                        self.reclaim(dev, locked.st(), e);
                     }
                 }
             }
@@ -33,25 +33,23 @@ impl Manager {
 
     /// After a reference to `e` dropped: an invalid entry with no reference left is
     /// doomed (once); a parked live entry with no reference left returns to the LRU.
-    pub(super) fn reclaim(&self, st: &mut DeviceState, e: EntryRef) {
+    pub(super) fn reclaim(&self, dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
+        if e.refs() != 0 {
+            return;
+        }
+        // SAFETY: writer lock held.
+        let w = unsafe { e.writer() };
         match e.state() {
-            INVALID if e.refs() == 0 => {
-                // SAFETY: writer lock held.
-                let w = unsafe { e.writer() };
-                if w.stale {
-                    w.stale = false;
-                    st.stale.remove(&w.id);
-                    st.doomed.push(e);
-                }
+            INVALID if w.stale => {
+                w.stale = false;
+                st.stale.remove(e);
+                st.doomed.push(e);
             }
-            LIVE if e.refs() == 0 => {
-                // SAFETY: writer lock held.
-                let w = unsafe { e.writer() };
-                if w.parked {
-                    w.parked = false;
-                    st.parked.remove(&w.lru_seq);
-                    st.lru.insert(w.lru_seq, e);
-                }
+            // (A parked entry of an earlier era is on the old list now.)
+            LIVE if w.parked && e.era() == dev.era() => {
+                w.parked = false;
+                st.parked.remove(e);
+                st.lru.push_back(e);
             }
             _ => {}
         }
@@ -68,11 +66,8 @@ impl Manager {
         }
         let sources = self.sources.read().clone();
         while let Some(e) = st.doomed.pop() {
-            let (range, id) = {
-                // SAFETY: writer lock held.
-                let w = unsafe { e.writer() };
-                (w.range, w.id)
-            };
+            // SAFETY: writer lock held.
+            let (range, id) = (e.range(), unsafe { e.id_locked() });
             // SAFETY: writer lock held, entry not LIVE (INVALID or KILLING) and unreferenced
             // (checked when it was doomed; a doomed entry is unreachable for new hits).
             let translation = unsafe { e.retire() };
@@ -111,29 +106,27 @@ impl Manager {
         while !enough(freed) && budget > 0 {
             budget -= 1;
             dev.counters.eviction_scans.fetch_add(1, Ordering::Relaxed);
-            let Some((seq, e)) = st.lru.pop_first() else {
+            let Some(e) = st.lru.front() else {
                 break;
             };
-            // SAFETY: writer lock held.
-            let w = unsafe { e.writer() };
             if e.take_referenced() {
-                let seq = st.lru_next;
-                st.lru_next += 1;
-                w.lru_seq = seq;
-                st.lru.insert(seq, e);
+                st.lru.remove(e);
+                st.lru.push_back(e);
                 continue;
             }
             if !e.try_kill() {
-                w.parked = true;
-                st.parked.insert(seq, e);
+                st.lru.remove(e);
+                // SAFETY: writer lock held.
+                unsafe { e.writer() }.parked = true;
+                st.parked.push_back(e);
                 continue;
             }
-            let len = w.range.len() as u64;
+            let range = e.range();
             self.unlink_live(dev, st, e);
             dev.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(device = %dev.id, range = %w.range, "evicted");
+            tracing::debug!(device = %dev.id, %range, "evicted");
             st.doomed.push(e);
-            freed += len;
+            freed += range.len() as u64;
             // Now, not after the loop: the limits are measured in registered bytes/entries.
             self.reap(dev, st);
         }
@@ -165,9 +158,9 @@ impl Manager {
         // probe found it sees the flag and comes back here (SeqCst on both sides).
         if !dev.over_limit.swap(true, Ordering::SeqCst) {
             // Parked entries may have been released while the flag was down: back to the LRU.
-            let parked: Vec<EntryRef> = st.parked.values().copied().collect();
+            let parked: Vec<EntryRef> = st.parked.iter().collect();
             for e in parked {
-                self.reclaim(st, e);
+                self.reclaim(dev, st, e);
             }
         }
         self.evict_lru(dev, st, |_| !over());
@@ -205,9 +198,9 @@ impl Manager {
             let st = locked.st();
             self.apply_pending(dev, st);
             self.clean_old(dev, st, usize::MAX);
-            let stale: Vec<EntryRef> = st.stale.values().copied().collect();
+            let stale: Vec<EntryRef> = st.stale.iter().collect();
             for e in stale {
-                self.reclaim(st, e);
+                self.reclaim(dev, st, e);
             }
             self.reap(dev, st);
             self.enforce_limits(dev, st);

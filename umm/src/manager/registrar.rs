@@ -75,7 +75,7 @@ impl Manager {
         }
         let mut locked = Locked::lock(self, dev, true)?;
         locked.settle();
-        if let Some(e) = Self::find_containing(locked.st(), range) {
+        if let Some(e) = Self::find_containing(dev, locked.st(), range) {
             match e.try_acquire(stripe, range, dev.era(), true) {
                 Ok(()) => return Ok(e),
                 Err(Acquire::Saturated) => {
@@ -114,18 +114,24 @@ impl Manager {
         }
     }
 
-    /// A live entry containing `range`, searching every live entry that starts at or
-    /// before it (the index only knows the newest entry of each page).
-    fn find_containing(st: &DeviceState, range: &Range) -> Option<EntryRef> {
+    /// A live entry of the current era containing `range`: the one the index has on its
+    /// first page, or one that a newer entry shadows there.
+    fn find_containing(dev: &DeviceSlot, st: &DeviceState, range: &Range) -> Option<EntryRef> {
+        let era = dev.era();
+        let fits = |e: &EntryRef| e.state() == LIVE && e.era() == era && e.range().contains(range);
+        let raw = dev.index.lookup(range.start());
+        // SAFETY: the index only holds words made by EntryRef::to_raw of this device's
+        // chunks, which live as long as the device.
+        let top = (raw != 0).then(|| unsafe { EntryRef::from_raw(raw) });
+        if let Some(e) = top.filter(fits) {
+            return Some(e);
+        }
         let lo = range.start().saturating_sub(st.max_len);
-        st.live
+        st.shadowed
             .range((lo, 0)..=(range.start(), u64::MAX))
             .rev()
             .map(|(_, e)| *e)
-            .find(|e| {
-                // SAFETY: writer lock held.
-                unsafe { e.writer() }.range.contains(range)
-            })
+            .find(fits)
     }
 
     /// Watches, registers and publishes `want` (for a no-overlap device: the union with
@@ -158,20 +164,25 @@ impl Manager {
         let st = locked.st();
         if st.free.is_empty() {
             let chunk = Chunk::new(dev.id.index);
-            st.free.extend(chunk.entries().rev());
+            for e in chunk.entries().rev() {
+                st.free.push(e);
+            }
             dev.chunks.write().push(chunk);
         }
         let entry = st.free.pop().expect("refilled above");
         // SAFETY: the entry is FREE and unreferenced (fresh, or retired with refs == 0);
         // writer lock held.
         unsafe { entry.publish(target, cookie, dev.era(), translation, stripe) };
-        let seq = st.lru_next;
-        st.lru_next += 1;
-        // SAFETY: writer lock held.
-        unsafe { entry.writer() }.lru_seq = seq;
-        st.lru.insert(seq, entry);
-        st.live.insert((target.start(), cookie), entry);
+        st.lru.push_back(entry);
         st.max_len = st.max_len.max(target.len());
+        // The entries whose pages it takes in the index are found through `shadowed` from
+        // now on (as is the entry itself if the index cannot hold it).
+        for other in overlapping(dev, st, &target) {
+            Self::shadow(st, other);
+        }
+        if !dev.index.covers(target.end()) {
+            Self::shadow(st, entry);
+        }
         let c = &dev.counters;
         c.registered_bytes
             .fetch_add(target.len() as u64, Ordering::Relaxed);
@@ -189,6 +200,17 @@ impl Manager {
         Ok(Some(entry))
     }
 
+    /// Adds `e` to the device's map of shadowed entries (once).
+    fn shadow(st: &mut DeviceState, e: EntryRef) {
+        // SAFETY: writer lock held.
+        let w = unsafe { e.writer() };
+        if !std::mem::replace(&mut w.shadowed, true) {
+            // SAFETY: writer lock held.
+            let id = unsafe { e.id_locked() };
+            st.shadowed.insert((e.range().start(), id), e);
+        }
+    }
+
     /// For devices that refuse overlaps: waits (bounded) until no pinned entry, live or
     /// stale, overlaps `want`, then marks the registration in flight, deregisters every
     /// overlapping entry and returns what to register (see [`Manager::absorb`]). Adjacent
@@ -202,25 +224,23 @@ impl Manager {
         let dev = locked.dev;
         let start = Instant::now();
         loop {
-            self.clean_old_overlapping(dev, locked.st(), &want);
             locked.settle();
+            // Old-era entries there are unlinked now (doomed ones are deregistered by
+            // `absorb`, pinned ones are waited for as stale holders below).
+            self.clean_old_overlapping(dev, locked.st(), &want);
             let st = locked.st();
             // A stale entry keeps its registration until its last pin drops; a live one is
             // held if it has references (probed here, decided by `try_kill` below).
-            let range_of = |e: &EntryRef| {
-                // SAFETY: writer lock held.
-                unsafe { e.writer() }.range
-            };
             let holder = st
                 .stale
-                .values()
-                .map(range_of)
+                .iter()
+                .map(|e| e.range())
                 .find(|r| r.overlaps(&want))
                 .or_else(|| {
-                    overlapping(&st.live, st.max_len, &want)
+                    overlapping(dev, st, &want)
                         .iter()
                         .find(|e| e.refs() != 0)
-                        .map(range_of)
+                        .map(|e| e.range())
                 });
             if let Some(holder) = holder {
                 let waited = start.elapsed();
@@ -240,7 +260,7 @@ impl Manager {
             let in_flight = InFlight::begin(dev, st, want);
             let mut victims = Vec::new();
             let mut raced = false;
-            for e in overlapping(&st.live, st.max_len, &want) {
+            for e in overlapping(dev, st, &want) {
                 if e.try_kill() {
                     victims.push(e);
                 } else {
@@ -268,13 +288,7 @@ impl Manager {
         want: Range,
         victims: Vec<EntryRef>,
     ) -> Range {
-        let ranges: Vec<(EntryRef, Range)> = victims
-            .into_iter()
-            .map(|e| {
-                // SAFETY: writer lock held.
-                (e, unsafe { e.writer() }.range)
-            })
-            .collect();
+        let ranges: Vec<(EntryRef, Range)> = victims.into_iter().map(|e| (e, e.range())).collect();
         // Everything leaving the index is in flight from here: an invalidation of it is
         // seen and the registration retried (see `Manager::record`).
         let leaving = ranges.iter().fold(want, |u, (_, r)| u.union(r));
