@@ -100,11 +100,16 @@ impl Workload {
     /// A manager with one do-nothing device ([`NullBackend`]) holding every entry of the
     /// workload.
     pub fn umm_manager(&self) -> (Manager, Device<NullBackend>) {
+        self.umm_manager_with(NullBackend)
+    }
+
+    /// [`Workload::umm_manager`] with another device.
+    pub fn umm_manager_with<B: Backend>(&self, backend: B) -> (Manager, Device<B>) {
         let m = Manager::new(Config {
             max_cached_entries: 4 * self.n + 16,
             ..Config::default()
         });
-        let dev = m.attach(NullBackend).expect("attach");
+        let dev = m.attach(backend).expect("attach");
         for i in 0..self.n {
             drop(m.pin(self.range(i), &[dev.id()]).expect("populate"));
         }
@@ -115,6 +120,12 @@ impl Workload {
 /// A device whose registration does nothing and whose translation is a key derived from
 /// the address (as UCX's shim stores one after its region): the harness measures cache
 /// overhead only, and reads the translation on every hit as a user does.
+///
+/// It declares what an RDMA device declares ([`Capabilities::rejects_unmapped`]: verbs
+/// fails on unmapped memory itself), so umm does not check the mapping before each
+/// registration, and UCX, which never checks, is compared like for like. The workload's
+/// ranges are always mapped. [`MappingCheckedNullBackend`] is the same device for which
+/// umm checks (one `msync` per miss, as for a Vulkan import).
 pub struct NullBackend;
 
 impl Backend for NullBackend {
@@ -125,7 +136,10 @@ impl Backend for NullBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities {
+            rejects_unmapped: true,
+            ..Capabilities::default()
+        }
     }
 
     fn register(&self, range: Range) -> Result<u64, BackendError> {
@@ -134,6 +148,30 @@ impl Backend for NullBackend {
 
     fn deregister(&self, _range: Range, _t: u64) -> Result<(), BackendError> {
         Ok(())
+    }
+}
+
+/// [`NullBackend`] declaring that it would accept unmapped memory, so umm checks the
+/// mapping before each registration.
+pub struct MappingCheckedNullBackend;
+
+impl Backend for MappingCheckedNullBackend {
+    type Translation = u64;
+
+    fn name(&self) -> &str {
+        "null-checked"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    fn register(&self, range: Range) -> Result<u64, BackendError> {
+        NullBackend.register(range)
+    }
+
+    fn deregister(&self, range: Range, t: u64) -> Result<(), BackendError> {
+        NullBackend.deregister(range, t)
     }
 }
 

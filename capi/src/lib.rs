@@ -508,6 +508,7 @@ impl Backend for CallbackBackend {
                 0 => usize::MAX,
                 m => m,
             },
+            rejects_unmapped: false,
         }
     }
 

@@ -19,6 +19,14 @@ pub struct Capabilities {
     pub alignment: usize,
     /// The largest registration the device accepts, in bytes.
     pub max_registration: usize,
+    /// Whether registering memory that is not (entirely) mapped fails in the backend
+    /// itself: verbs' `ibv_reg_mr` pins the pages and fails with `EFAULT`, and
+    /// `cuMemHostRegister` fails too. The manager then skips its own check before each
+    /// registration (one `msync` system call per miss, see [`crate::Config::check_mapped`])
+    /// and, when the backend fails on a range that is found unmapped afterwards, still
+    /// reports [`crate::Error::Unmapped`]. A device that would accept unmapped memory
+    /// (a Vulkan host-pointer import may) leaves it `false`.
+    pub rejects_unmapped: bool,
 }
 
 impl Default for Capabilities {
@@ -27,6 +35,7 @@ impl Default for Capabilities {
             allows_overlap: true,
             alignment: crate::range::page_size(),
             max_registration: usize::MAX,
+            rejects_unmapped: false,
         }
     }
 }

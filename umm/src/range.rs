@@ -150,6 +150,20 @@ pub fn page_size() -> usize {
     })
 }
 
+/// Whether every page of `range` is mapped: `msync(MS_ASYNC)` fails with `ENOMEM` on
+/// unmapped pages and otherwise does nothing for anonymous memory.
+pub(crate) fn is_mapped(range: &Range) -> bool {
+    // SAFETY: msync only inspects the mappings of the range; MS_ASYNC schedules nothing
+    // that touches our memory.
+    unsafe {
+        libc::msync(
+            range.start() as *mut libc::c_void,
+            range.len(),
+            libc::MS_ASYNC,
+        ) == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -133,6 +133,14 @@ impl RecordingBackend {
         self
     }
 
+    /// Fails registrations of memory that is not entirely mapped with `EFAULT`
+    /// ([`BackendErrorKind::BadAddress`]), as verbs' `ibv_reg_mr` does, and says so in its
+    /// capabilities ([`Capabilities::rejects_unmapped`]).
+    pub fn rejecting_unmapped(mut self) -> Self {
+        self.caps.rejects_unmapped = true;
+        self
+    }
+
     /// Fails registrations with `ENOMEM` once more than `bytes` would be registered.
     pub fn with_byte_limit(mut self, bytes: u64) -> Self {
         self.byte_limit = Some(bytes);
@@ -190,6 +198,9 @@ impl Backend for RecordingBackend {
                 BackendErrorKind::AlreadyRegistered,
                 "overlapping registration refused",
             );
+        }
+        if self.caps.rejects_unmapped && !crate::range::is_mapped(&range) {
+            return refuse(BackendErrorKind::BadAddress, "EFAULT: not mapped");
         }
         let bytes = self.ledger.bytes.load(Ordering::Relaxed);
         if let Some(limit) = self.byte_limit {

@@ -414,6 +414,20 @@ fn bad_input_gets_typed_errors() {
         Err(Error::Unmapped { range }) => assert_eq!(range, arena.pages(3, 2)),
         other => panic!("{other:?}"),
     }
+    // A device that fails on unmapped memory itself (as verbs does) is asked directly, no
+    // msync first; its failure is still reported as the unmapped range.
+    let verbs_like = RecordingBackend::new("v").rejecting_unmapped();
+    let ledger = verbs_like.ledger();
+    let v = m.attach(verbs_like).unwrap();
+    match m.pin(arena.pages(3, 2), &[v.id()]) {
+        Err(Error::Unmapped { range }) => assert_eq!(range, arena.pages(3, 2)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        ledger.calls()[..],
+        [Call::Refused(r, BackendErrorKind::BadAddress)] if r == arena.pages(3, 2)
+    ));
+    assert!(m.pin(arena.pages(0, 1), &[v.id()]).is_ok());
     let small = Manager::default();
     let capped = small
         .attach(RecordingBackend::new("c").with_capabilities(Capabilities {
@@ -425,7 +439,7 @@ fn bad_input_gets_typed_errors() {
         small.pin(arena.pages(0, 2), &[capped.id()]),
         Err(Error::TooLarge { max: PAGE, .. })
     ));
-    assert_eq!(m.stats().registrations(), 1);
+    assert_eq!(m.stats().registrations(), 2);
 }
 
 #[test]

@@ -387,6 +387,9 @@ impl Backend for CudaBackend {
             allows_overlap: false,
             alignment: umm::page_size(),
             max_registration: usize::MAX,
+            // Not claimed (never checked on a GPU here); the msync is cheap next to a
+            // cuMemHostRegister.
+            rejects_unmapped: false,
         }
     }
 

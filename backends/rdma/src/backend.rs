@@ -345,6 +345,8 @@ impl Backend for RdmaBackend {
             allows_overlap: true,
             alignment: umm::page_size(),
             max_registration: self.max_registration,
+            // ibv_reg_mr (no on-demand paging) pins every page and fails with EFAULT.
+            rejects_unmapped: true,
         }
     }
 

@@ -138,7 +138,11 @@ impl Backend for RawPdBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities {
+            // ibv_reg_mr (no on-demand paging) pins every page and fails with EFAULT.
+            rejects_unmapped: true,
+            ..Capabilities::default()
+        }
     }
 
     fn register(&self, range: Range) -> Result<RawMrTranslation, BackendError> {

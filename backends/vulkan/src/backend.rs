@@ -658,6 +658,8 @@ impl Backend for VulkanBackend {
             allows_overlap: self.allows_overlap,
             alignment,
             max_registration: max & !(alignment - 1),
+            // A host-pointer import may accept unmapped memory: the manager checks.
+            rejects_unmapped: false,
         }
     }
 

@@ -10,7 +10,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use umm_benches::{rss_bytes, LinearCache, LockedBTreeCache, Workload, HAS_UCX};
+use umm::{DeviceId, Manager};
+use umm_benches::{
+    rss_bytes, LinearCache, LockedBTreeCache, MappingCheckedNullBackend, Workload, HAS_UCX,
+};
 
 const REPS: usize = 5;
 
@@ -312,15 +315,24 @@ fn two_threads(r: &mut Report, ops: usize) {
 fn miss_and_invalidate(r: &mut Report, n: usize, count: usize) {
     let w = Workload::new(n);
     let (m, dev) = w.umm_manager();
+    let (checked, checked_dev) = w.umm_manager_with(MappingCheckedNullBackend);
     let ucx = ucx_cache(&w);
     let (mut um, mut ui, mut cm, mut ci) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut checked_miss = Vec::new();
     let block = count / REPS;
-    for rep in 0..REPS {
+    // One round of misses (each invalidated and flushed): mean (miss, invalidate) in ns.
+    fn umm_round(
+        m: &Manager,
+        dev: DeviceId,
+        w: &Workload,
+        ks: std::ops::Range<usize>,
+    ) -> (f64, f64) {
         let (mut miss, mut inval) = (Duration::ZERO, Duration::ZERO);
-        for k in rep * block..(rep + 1) * block {
+        let count = ks.len() as f64;
+        for k in ks {
             let range = w.gap(w.pick(k));
             let t = Instant::now();
-            let p = m.pin(range, &[dev.id()]).unwrap();
+            let p = m.pin(range, &[dev]).unwrap();
             miss += t.elapsed();
             drop(p);
             let t = Instant::now();
@@ -328,8 +340,17 @@ fn miss_and_invalidate(r: &mut Report, n: usize, count: usize) {
             inval += t.elapsed();
             m.flush();
         }
-        um.push(miss.as_nanos() as f64 / block as f64);
-        ui.push(inval.as_nanos() as f64 / block as f64);
+        (
+            miss.as_nanos() as f64 / count,
+            inval.as_nanos() as f64 / count,
+        )
+    }
+    for rep in 0..REPS {
+        let ks = rep * block..(rep + 1) * block;
+        let (miss, inval) = umm_round(&m, dev.id(), &w, ks.clone());
+        um.push(miss);
+        ui.push(inval);
+        checked_miss.push(umm_round(&checked, checked_dev.id(), &w, ks).0);
         if let Some(c) = &ucx {
             let (mut miss, mut inval) = (Duration::ZERO, Duration::ZERO);
             for k in rep * block..(rep + 1) * block {
@@ -347,11 +368,18 @@ fn miss_and_invalidate(r: &mut Report, n: usize, count: usize) {
         }
     }
     let ucx_of = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
+    let ucx_miss = ucx_of(cm);
     r.row(
         &format!("miss (register + publish), {n} entries"),
         median(um),
         "ns",
-        &[("UCX rcache", ucx_of(cm))],
+        &[("UCX rcache", ucx_miss)],
+    );
+    r.row(
+        &format!("miss, device that accepts unmapped memory (umm msyncs first), {n} entries"),
+        median(checked_miss),
+        "ns",
+        &[("UCX rcache", ucx_miss)],
     );
     r.row(
         &format!("invalidate one entry, {n} entries"),

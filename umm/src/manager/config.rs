@@ -24,9 +24,11 @@ pub struct Config {
     /// entry to be released before failing with [`Error::DeviceRangeBusy`].
     /// Default: 200 ms.
     pub busy_timeout: Duration,
-    /// Whether a miss checks that the range is mapped (one `msync(MS_ASYNC)`), so an
-    /// unmapped range fails with [`Error::Unmapped`] instead of an opaque backend error.
-    /// Default: true.
+    /// Whether a miss checks that the range is mapped (one `msync(MS_ASYNC)`) before
+    /// registering it, so an unmapped range fails with [`Error::Unmapped`] instead of an
+    /// opaque backend error or, worse, a registration of nothing. On a device whose backend
+    /// fails on unmapped memory itself ([`crate::Capabilities::rejects_unmapped`], verbs)
+    /// the check runs only after such a failure, to name the cause. Default: true.
     pub check_mapped: bool,
     /// Whether the cache is on. Off, a registration is deregistered as soon as its last
     /// pin drops, so the next pin of the range registers afresh (the behaviour of a

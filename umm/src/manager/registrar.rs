@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{BackendErrorKind, ErasedTranslation};
 use crate::entry::{Acquire, Chunk, EntryRef, LIVE};
 use crate::error::{memlock_limit, Error, Result};
-use crate::range::Range;
+use crate::range::{is_mapped, Range};
 use crate::source::{NotifierSource, Uncovered};
 
 use super::device::{DeviceSlot, DeviceState, Locked};
@@ -89,21 +89,28 @@ impl Manager {
         }
         self.owner.check_pid()?;
         dev.counters.misses.fetch_add(1, Ordering::Relaxed);
-        if self.config.check_mapped && !is_mapped(&want) {
+        // Checked first only where the backend would not fail on unmapped memory itself.
+        let check_first = self.config.check_mapped && !dev.caps.rejects_unmapped;
+        let unmapped = |want: &Range| self.config.check_mapped && !is_mapped(want);
+        if check_first && unmapped(&want) {
             return Err(Error::Unmapped { range: want });
         }
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.register_and_publish(&mut locked, want, stripe)? {
-                Some(e) => return Ok(e),
-                None if attempts < REGISTER_ATTEMPTS => {
+            match self.register_and_publish(&mut locked, want, stripe) {
+                Ok(Some(e)) => return Ok(e),
+                Err(Error::Backend { .. }) if unmapped(&want) => {
+                    return Err(Error::Unmapped { range: want })
+                }
+                Err(e) => return Err(e),
+                Ok(None) if attempts < REGISTER_ATTEMPTS => {
                     tracing::debug!(device = %dev.id, range = %want, "registration invalidated in flight; retrying");
-                    if self.config.check_mapped && !is_mapped(&want) {
+                    if check_first && unmapped(&want) {
                         return Err(Error::Unmapped { range: want });
                     }
                 }
-                None => {
+                Ok(None) => {
                     return Err(Error::Unstable {
                         device: dev.id,
                         range: want,
@@ -428,19 +435,5 @@ impl Manager {
         } else {
             tracing::debug!(device = %dev.id, %range, "deregistered");
         }
-    }
-}
-
-/// Whether every page of `range` is mapped: `msync(MS_ASYNC)` fails with `ENOMEM` on
-/// unmapped pages and otherwise does nothing for anonymous memory.
-fn is_mapped(range: &Range) -> bool {
-    // SAFETY: msync only inspects the mappings of the range; MS_ASYNC schedules nothing
-    // that touches our memory.
-    unsafe {
-        libc::msync(
-            range.start() as *mut libc::c_void,
-            range.len(),
-            libc::MS_ASYNC,
-        ) == 0
     }
 }
