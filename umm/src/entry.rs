@@ -43,12 +43,14 @@
 //! range after taking its reference) instead of relying on the reference being current.
 //!
 //! Entries live in 4 KiB-aligned [`Chunk`]s of [`CHUNK`] entries, laid out by field, not by
-//! entry: what a hit reads (state and range, 24 bytes) is packed with its neighbours, each
-//! reference-count stripe is an array of its own (a thread only ever writes its stripe's
-//! array, so threads do not share written lines), and what hits never touch (the
-//! translation, the writer's bookkeeping) is kept apart. A hit touches two small, dense
-//! lines instead of two lines of a 320-byte entry: measured, this took a random hit over
-//! 10^5 entries from ~100 ns to the tens. An [`EntryRef`] packs the chunk address and the
+//! entry: what a hit and its pin read (state, range, era, id and translation) is one
+//! 64-byte line per entry, each reference-count stripe is an array of its own (a thread
+//! only ever writes its stripe's array, so threads do not share written lines), and what
+//! hits never touch (the writer's bookkeeping) is kept apart. A hit that reads its
+//! translation touches two lines: its entry's header and its stripe's counter (measured
+//! with the translation in an array of its own, reading it cost a third cache miss: a hit
+//! with the read over 10^5 entries took twice as long as one without). An [`EntryRef`]
+//! packs the chunk address and the
 //! slot into one word, which is what the radix index stores.
 
 use std::cell::{Cell, UnsafeCell};
@@ -79,7 +81,9 @@ pub(crate) const INVALID: u32 = 2;
 /// Transient, under the writer lock: being evicted or merged if nobody holds it.
 pub(crate) const KILLING: u32 = 3;
 
-/// What a hit reads (32 bytes: two per cache line).
+/// What a hit and its pin read, in one cache line: the state, range and era it checks
+/// and the translation it hands out.
+#[repr(C, align(64))]
 struct Header {
     /// `FREE`, `LIVE`, `INVALID` or `KILLING`; written under the writer lock only.
     state: AtomicU32,
@@ -92,6 +96,13 @@ struct Header {
     /// The device's era when the entry was published: a `LIVE` entry of an older era was
     /// invalidated wholesale (`invalidate_all`) and is not yet cleaned up; hits refuse it.
     era: AtomicU64,
+    /// The registration's id (the cookie its sources watch), unique per manager; written
+    /// with the translation.
+    id: AtomicU64,
+    /// Written only while the entry is `FREE` and unreferenced (publication) or being
+    /// reclaimed with no references left; read through a [`crate::Pin`] that holds a
+    /// reference taken while `LIVE`.
+    translation: UnsafeCell<Option<ErasedTranslation>>,
 }
 
 /// Why [`EntryRef::try_acquire`] failed.
@@ -130,13 +141,6 @@ struct StripeArray {
     _pad: [u64; 8],
 }
 
-/// What a registration hands to its holders: immutable while any reference is held.
-pub(crate) struct Published {
-    /// The registration's id (the cookie its sources watch), unique per manager.
-    pub id: u64,
-    pub translation: ErasedTranslation,
-}
-
 /// [`CHUNK`] entries, by field (see the module docs).
 #[repr(align(4096))]
 pub(crate) struct Chunk {
@@ -145,10 +149,6 @@ pub(crate) struct Chunk {
     device: u32,
     headers: [Header; CHUNK],
     stripes: [StripeArray; STRIPES],
-    /// Written only while the entry is `FREE` and unreferenced (publication) or being
-    /// reclaimed with no references left; read through a [`crate::Pin`] that holds a
-    /// reference taken while `LIVE`.
-    translations: [UnsafeCell<Option<Published>>; CHUNK],
     /// Guarded by the device's writer lock.
     writers: [UnsafeCell<WriterSide>; CHUNK],
 }
@@ -172,12 +172,13 @@ impl Chunk {
                 start: AtomicUsize::new(0),
                 end: AtomicUsize::new(0),
                 era: AtomicU64::new(0),
+                id: AtomicU64::new(0),
+                translation: UnsafeCell::new(None),
             }),
             stripes: std::array::from_fn(|_| StripeArray {
                 counters: std::array::from_fn(|_| AtomicU64::new(0)),
                 _pad: [0; 8],
             }),
-            translations: std::array::from_fn(|_| UnsafeCell::new(None)),
             writers: std::array::from_fn(|_| {
                 UnsafeCell::new(WriterSide {
                     prev: None,
@@ -369,7 +370,7 @@ impl EntryRef {
         debug_assert_eq!(self.state(), FREE);
         // SAFETY: caller guarantees no reader; the writer lock serialises writers.
         unsafe {
-            *self.chunk().translations[self.slot()].get() = Some(Published { id, translation });
+            *self.header().translation.get() = Some(translation);
             let w = self.writer();
             w.stale = false;
             w.parked = false;
@@ -379,6 +380,7 @@ impl EntryRef {
         h.start.store(range.start(), Ordering::Relaxed);
         h.end.store(range.end(), Ordering::Relaxed);
         h.era.store(era, Ordering::Relaxed);
+        h.id.store(id, Ordering::Relaxed);
         h.referenced.store(0, Ordering::Relaxed);
         self.stripe(stripe).fetch_add(1, Ordering::SeqCst);
         // Release (SeqCst): readers that see LIVE see the range and translation.
@@ -392,16 +394,22 @@ impl EntryRef {
     pub(crate) unsafe fn retire(&self) -> Option<ErasedTranslation> {
         self.set_state(FREE);
         // SAFETY: no reference is held, so no Pin reads the translation (caller's contract).
-        unsafe { (*self.chunk().translations[self.slot()].get()).take() }.map(|p| p.translation)
+        unsafe { (*self.header().translation.get()).take() }
     }
 
-    /// The registration id and translation, for a [`crate::Pin`] that holds a reference.
+    /// The translation, for a [`crate::Pin`] that holds a reference.
     ///
     /// # Safety
     /// The caller holds a reference taken while the entry was `LIVE`.
-    pub(crate) unsafe fn published(&self) -> Option<&Published> {
+    pub(crate) unsafe fn translation(&self) -> Option<&ErasedTranslation> {
         // SAFETY: no writer runs while a reference is held (caller's contract).
-        unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }
+        unsafe { (*self.header().translation.get()).as_ref() }
+    }
+
+    /// The registration id (of the current or last publication); exact for a holder of a
+    /// reference taken while `LIVE` and under the writer lock.
+    pub(crate) fn id(&self) -> u64 {
+        self.header().id.load(Ordering::Relaxed)
     }
 
     /// The registered range of a published entry (the lock holder's view; exact under
@@ -413,15 +421,6 @@ impl EntryRef {
     /// The device era the entry was published in.
     pub(crate) fn era(&self) -> u64 {
         self.header().era.load(Ordering::Relaxed)
-    }
-
-    /// The registration id, read by the device's writer lock holder (0 if not published).
-    ///
-    /// # Safety
-    /// The caller holds the owning device's writer lock (the only writer of the cell).
-    pub(crate) unsafe fn id_locked(&self) -> u64 {
-        // SAFETY: only the lock holder writes the cell (caller's contract); pins only read.
-        unsafe { (*self.chunk().translations[self.slot()].get()).as_ref() }.map_or(0, |p| p.id)
     }
 
     /// The registered range, for a holder of a reference (lock-free copy).

@@ -223,7 +223,7 @@ impl<M: Deref<Target = Manager>> Pinned<M> {
         // the device's (`hold` matched the manager and the index), and a `Device<B>` is
         // only ever handed out for a device whose backend is `B`, so the translation is a
         // `B::Translation`.
-        unsafe { hold.published()?.translation.get::<B::Translation>() }
+        unsafe { hold.translation()?.get::<B::Translation>() }
     }
 
     /// Which registration of the device serves this pin: unique per registration in this
@@ -232,8 +232,8 @@ impl<M: Deref<Target = Manager>> Pinned<M> {
     /// can mislead (a backend may reuse handle values).
     pub fn registration_id(&self, device: impl Into<DeviceId>) -> Option<u64> {
         let hold = self.hold(device.into())?;
-        // SAFETY: this pin holds a reference taken while the entry was LIVE.
-        unsafe { hold.published() }.map(|p| p.id)
+        // (This pin holds a reference taken while the entry was LIVE: the id is its own.)
+        Some(hold.id())
     }
 
     /// The range the device registered for this pin (rounded out, possibly merged).

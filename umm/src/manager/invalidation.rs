@@ -223,9 +223,7 @@ impl Manager {
         let w = unsafe { e.writer() };
         w.parked = false;
         if std::mem::take(&mut w.shadowed) {
-            // SAFETY: writer lock held.
-            st.shadowed
-                .remove(&(range.start(), unsafe { e.id_locked() }));
+            st.shadowed.remove(&(range.start(), e.id()));
         }
         dev.index.remove(range.start(), range.end(), e.to_raw());
         Self::doom_or_keep_stale(st, e);
@@ -255,9 +253,7 @@ impl Manager {
             st.lru.remove(e);
         }
         if std::mem::take(&mut w.shadowed) {
-            // SAFETY: writer lock held.
-            st.shadowed
-                .remove(&(range.start(), unsafe { e.id_locked() }));
+            st.shadowed.remove(&(range.start(), e.id()));
         }
         dev.counters.cached_entries.fetch_sub(1, Ordering::Relaxed);
         // The live entries it shadowed take its pages over *before* it leaves the index: a

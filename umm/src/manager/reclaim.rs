@@ -66,8 +66,7 @@ impl Manager {
         }
         let sources = self.sources.read().clone();
         while let Some(e) = st.doomed.pop() {
-            // SAFETY: writer lock held.
-            let (range, id) = (e.range(), unsafe { e.id_locked() });
+            let (range, id) = (e.range(), e.id());
             // SAFETY: writer lock held, entry not LIVE (INVALID or KILLING) and unreferenced
             // (checked when it was doomed; a doomed entry is unreachable for new hits).
             let translation = unsafe { e.retire() };

@@ -212,8 +212,7 @@ impl Manager {
         // SAFETY: writer lock held.
         let w = unsafe { e.writer() };
         if !std::mem::replace(&mut w.shadowed, true) {
-            // SAFETY: writer lock held.
-            let id = unsafe { e.id_locked() };
+            let id = e.id();
             st.shadowed.insert((e.range().start(), id), e);
         }
     }
