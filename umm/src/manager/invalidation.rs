@@ -58,12 +58,30 @@ impl Manager {
     /// reaper). It may allocate and free while applying; hooks that can run inside the
     /// allocator use [`Manager::invalidate_deferred`].
     pub fn invalidate(&self, range: Range) {
-        if self.record(Some(range)) {
-            for dev in self.each_device() {
-                if !dev.clean() {
+        let mut any = false;
+        for dev in self.each_device() {
+            if !Self::concerns(dev, &range) {
+                continue;
+            }
+            any = true;
+            match Locked::try_lock(self, dev, false) {
+                // Free: applied here and now, without the queue (no registration is in
+                // flight while the lock is held: they run under it).
+                Some(mut locked) => {
+                    let st = locked.st();
+                    self.apply_pending(dev, st);
+                    self.invalidate_locked(dev, st, range);
+                }
+                // Busy (or held by this thread, inside a backend call): recorded for the
+                // holder, who applies it before publishing anything and on unlock.
+                None => {
+                    dev.record(Some(range));
                     drop(Locked::try_lock(self, dev, false));
                 }
             }
+        }
+        if any {
+            self.invalidations.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -97,15 +115,7 @@ impl Manager {
     fn record(&self, range: Option<Range>) -> bool {
         let mut any = false;
         for dev in self.each_device() {
-            let concerned = match range {
-                Some(r) => {
-                    let registering = dev.registering.load(Ordering::SeqCst) > 0;
-                    dev.index.any_in(r.start(), r.end())
-                        || (registering && dev.inflight_overlaps(&r))
-                }
-                None => true,
-            };
-            if concerned {
+            if range.is_none_or(|r| Self::concerns(dev, &r)) {
                 dev.record(range);
                 any = true;
             }
@@ -116,6 +126,14 @@ impl Manager {
             Some(_) => 0,
         };
         any
+    }
+
+    /// Whether an invalidation of `range` may concern the device (see [`Manager::record`]
+    /// for the order of the loads).
+    fn concerns(dev: &DeviceSlot, range: &Range) -> bool {
+        let registering = dev.registering.load(Ordering::SeqCst) > 0;
+        dev.index.any_in(range.start(), range.end())
+            || (registering && dev.inflight_overlaps(range))
     }
 
     /// Applies recorded invalidations and queued releases. Never calls a backend.
