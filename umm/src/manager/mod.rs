@@ -273,7 +273,7 @@ impl Manager {
             .get(id.index())
             .filter(|_| id.manager == self.id)
             .and_then(|d| d.get())
-            .ok_or(Error::UnknownDevice(id))
+            .ok_or_else(|| Error::UnknownDevice(id))
     }
 
     fn each_device(&self) -> impl Iterator<Item = &DeviceSlot> {
