@@ -176,6 +176,15 @@ fn span_bits(level: u32) -> u32 {
 }
 
 impl RadixIndex {
+    /// Whether every slot of `node` is empty, looking from slot `near` outwards.
+    fn is_empty_from(node: &Node, near: usize) -> bool {
+        let (before, after) = node.slots.split_at(near.min(FANOUT));
+        after
+            .iter()
+            .chain(before.iter().rev())
+            .all(|s| s.load(Ordering::Relaxed) == 0)
+    }
+
     pub(crate) fn new() -> Self {
         RadixIndex {
             root: Box::new(Node {
@@ -354,7 +363,10 @@ impl RadixIndex {
                 // SAFETY: child node owned by this index; we hold the writer lock.
                 let child = unsafe { &*(cur as *const Node) };
                 Self::update_node(pool, child, level - 1, slot_first, first, last, f);
-                if f(0).is_none() && child.slots.iter().all(|s| s.load(Ordering::Relaxed) == 0) {
+                // Looked at from the slots just updated outwards: a dense node is found
+                // non-empty at once, not after a run of empty slots before its first one.
+                let near = ((first.max(slot_first) - slot_first) >> span_bits(level - 1)) as usize;
+                if f(0).is_none() && Self::is_empty_from(child, near) {
                     // Unlink first (Release), then recycle: see the module docs.
                     node.slots[idx].store(0, Ordering::Release);
                     pool.free(cur as *mut Node);
@@ -423,6 +435,24 @@ mod tests {
         ix.remove(big.0, big.1, fake(1));
         assert!(ix.lookup(big.0) == 0 && ix.lookup(big.0 + 0x5000) == 0);
         assert!(!ix.any_in(big.0, big.1));
+        assert_eq!(ix.bytes(), 4096, "every emptied node was given back");
+    }
+
+    #[test]
+    fn a_node_is_given_back_only_when_empty_on_both_sides_of_the_removal() {
+        let ix = RadixIndex::new();
+        let leaf = 1usize << 21; // one leaf node covers these 512 pages
+        ix.insert(leaf + 0x1000, leaf + 0x2000, fake(1));
+        ix.insert(leaf + 0x1f0000, leaf + 0x1f1000, fake(2)); // far after it
+        ix.insert(leaf + 0x100000, leaf + 0x101000, fake(3)); // in the middle
+        let with_leaf = ix.bytes();
+        ix.remove(leaf + 0x100000, leaf + 0x101000, fake(3));
+        assert_eq!(ix.bytes(), with_leaf, "entries left before and after it");
+        ix.remove(leaf + 0x1f0000, leaf + 0x1f1000, fake(2));
+        assert_eq!(ix.bytes(), with_leaf, "an entry left before it");
+        assert_eq!(ix.lookup(leaf + 0x1000), fake(1));
+        ix.remove(leaf + 0x1000, leaf + 0x2000, fake(1));
+        assert_eq!(ix.bytes(), 4096);
     }
 
     #[test]
