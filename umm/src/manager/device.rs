@@ -60,21 +60,53 @@ pub(super) struct DeviceState {
     pub inflight: Option<(Range, bool)>,
 }
 
+/// A counter only the device's writer lock holder changes and anyone reads
+/// (`Manager::stats`): changed with a plain load and store, not a locked read-modify-write
+/// (the lock already orders the writers; a miss and its deregistration change six).
+#[derive(Default)]
+pub(super) struct LockedCounter(AtomicU64);
+
+impl LockedCounter {
+    /// Adds `n`; the caller holds the device's writer lock.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0
+            .store(self.0.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    /// Subtracts `n`; the caller holds the device's writer lock.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0
+            .store(self.0.load(Ordering::Relaxed) - n, Ordering::Relaxed);
+    }
+
+    /// Sets the value; the caller holds the device's writer lock.
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Counters readable without the lock (`Manager::stats`).
 #[derive(Default)]
 pub(super) struct DeviceCounters {
-    pub misses: AtomicU64,
-    pub registrations: AtomicU64,
-    pub deregistrations: AtomicU64,
-    pub deregistration_errors: AtomicU64,
-    pub invalidated_entries: AtomicU64,
-    pub evictions: AtomicU64,
-    pub eviction_scans: AtomicU64,
-    pub merges: AtomicU64,
+    pub misses: LockedCounter,
+    pub registrations: LockedCounter,
+    pub deregistrations: LockedCounter,
+    pub deregistration_errors: LockedCounter,
+    pub invalidated_entries: LockedCounter,
+    pub evictions: LockedCounter,
+    pub eviction_scans: LockedCounter,
+    pub merges: LockedCounter,
+    /// Bumped by lock-free recorders: a locked read-modify-write.
     pub queue_overflows: AtomicU64,
-    pub registered_bytes: AtomicU64,
-    pub registered_entries: AtomicU64,
-    pub cached_entries: AtomicU64,
+    pub registered_bytes: LockedCounter,
+    pub registered_entries: LockedCounter,
+    pub cached_entries: LockedCounter,
 }
 
 pub(super) struct DeviceSlot {

@@ -149,7 +149,11 @@ impl Manager {
             }
             dev.applied.fetch_max(target, Ordering::SeqCst);
         }
-        while let Some(e) = dev.releases.pop() {
+        // `is_empty` first: crossbeam's `pop` runs a full fence when it finds the queue
+        // empty, the usual case. (A release queued after this look is seen by the lock
+        // holder's `has_work` on unlock, as before.)
+        while !dev.releases.is_empty() {
+            let Some(e) = dev.releases.pop() else { break };
             self.reclaim(dev, st, e);
         }
     }
@@ -169,9 +173,7 @@ impl Manager {
             }
             e.set_state(INVALID);
             self.unlink_live(dev, st, e);
-            dev.counters
-                .invalidated_entries
-                .fetch_add(1, Ordering::Relaxed);
+            dev.counters.invalidated_entries.add(1);
             tracing::debug!(device = %dev.id, range = %e.range(), "invalidated");
             Self::doom_or_keep_stale(st, e);
         }
@@ -188,10 +190,8 @@ impl Manager {
         // Both lists join the old one in O(1); their entries are unlinked later.
         st.old.append(&mut st.lru);
         st.old.append(&mut st.parked);
-        dev.counters
-            .invalidated_entries
-            .fetch_add(n, Ordering::Relaxed);
-        dev.counters.cached_entries.store(0, Ordering::Relaxed);
+        dev.counters.invalidated_entries.add(n);
+        dev.counters.cached_entries.set(0);
         tracing::debug!(device = %dev.id, entries = n, "invalidated everything (new era)");
     }
 
@@ -273,7 +273,7 @@ impl Manager {
         if std::mem::take(&mut w.shadowed) {
             st.shadowed.remove(&(range.start(), e.id()));
         }
-        dev.counters.cached_entries.fetch_sub(1, Ordering::Relaxed);
+        dev.counters.cached_entries.sub(1);
         // The live entries it shadowed take its pages over *before* it leaves the index: a
         // page a live entry covers is never empty, even for an instant, so a lock-free
         // `record` never misses that entry (it would drop the invalidation).

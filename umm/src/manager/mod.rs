@@ -297,23 +297,22 @@ impl Manager {
                     .map(|e| e.hits())
                     .sum();
                 let c = &dev.counters;
-                let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
                 DeviceStats {
                     id: dev.id,
                     name: dev.name.clone(),
                     hits,
-                    misses: load(&c.misses),
-                    registrations: load(&c.registrations),
-                    deregistrations: load(&c.deregistrations),
-                    deregistration_errors: load(&c.deregistration_errors),
-                    invalidated_entries: load(&c.invalidated_entries),
-                    evictions: load(&c.evictions),
-                    eviction_scans: load(&c.eviction_scans),
-                    merges: load(&c.merges),
-                    queue_overflows: load(&c.queue_overflows),
-                    registered_bytes: load(&c.registered_bytes),
-                    registered_entries: load(&c.registered_entries),
-                    cached_entries: load(&c.cached_entries),
+                    misses: c.misses.get(),
+                    registrations: c.registrations.get(),
+                    deregistrations: c.deregistrations.get(),
+                    deregistration_errors: c.deregistration_errors.get(),
+                    invalidated_entries: c.invalidated_entries.get(),
+                    evictions: c.evictions.get(),
+                    eviction_scans: c.eviction_scans.get(),
+                    merges: c.merges.get(),
+                    queue_overflows: c.queue_overflows.load(Ordering::Relaxed),
+                    registered_bytes: c.registered_bytes.get(),
+                    registered_entries: c.registered_entries.get(),
+                    cached_entries: c.cached_entries.get(),
                     index_bytes: dev.index.bytes() as u64,
                 }
             })

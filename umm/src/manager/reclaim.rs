@@ -72,9 +72,8 @@ impl Manager {
             let translation = unsafe { e.retire() };
             st.free.push(e);
             let c = &dev.counters;
-            c.registered_bytes
-                .fetch_sub(range.len() as u64, Ordering::Relaxed);
-            c.registered_entries.fetch_sub(1, Ordering::Relaxed);
+            c.registered_bytes.sub(range.len() as u64);
+            c.registered_entries.sub(1);
             // Unwatched on every path, a panicking backend included.
             let _unwatch = Watches {
                 sources: &sources,
@@ -104,7 +103,7 @@ impl Manager {
         let mut budget = 2 * st.lru.len();
         while !enough(freed) && budget > 0 {
             budget -= 1;
-            dev.counters.eviction_scans.fetch_add(1, Ordering::Relaxed);
+            dev.counters.eviction_scans.add(1);
             let Some(e) = st.lru.front() else {
                 break;
             };
@@ -122,7 +121,7 @@ impl Manager {
             }
             let range = e.range();
             self.unlink_live(dev, st, e);
-            dev.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            dev.counters.evictions.add(1);
             tracing::debug!(device = %dev.id, %range, "evicted");
             st.doomed.push(e);
             freed += range.len() as u64;
@@ -145,10 +144,8 @@ impl Manager {
             (0, 0)
         };
         let c = &dev.counters;
-        let over = || {
-            c.registered_entries.load(Ordering::Relaxed) > max_entries
-                || c.registered_bytes.load(Ordering::Relaxed) > max_bytes
-        };
+        let over =
+            || c.registered_entries.get() > max_entries || c.registered_bytes.get() > max_bytes;
         if !over() {
             dev.over_limit.store(false, Ordering::SeqCst);
             return;
@@ -178,9 +175,9 @@ impl Manager {
                     return 0;
                 };
                 locked.settle();
-                let before = dev.counters.evictions.load(Ordering::Relaxed);
+                let before = dev.counters.evictions.get();
                 self.evict_lru(dev, locked.st(), |_| false);
-                (dev.counters.evictions.load(Ordering::Relaxed) - before) as usize
+                (dev.counters.evictions.get() - before) as usize
             })
             .sum()
     }

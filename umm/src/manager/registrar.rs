@@ -88,7 +88,7 @@ impl Manager {
             }
         }
         self.owner.check_pid()?;
-        dev.counters.misses.fetch_add(1, Ordering::Relaxed);
+        dev.counters.misses.add(1);
         // Checked first only where the backend would not fail on unmapped memory itself.
         let check_first = self.config.check_mapped && !dev.caps.rejects_unmapped;
         let unmapped = |want: &Range| self.config.check_mapped && !is_mapped(want);
@@ -191,11 +191,10 @@ impl Manager {
             Self::shadow(st, entry);
         }
         let c = &dev.counters;
-        c.registered_bytes
-            .fetch_add(target.len() as u64, Ordering::Relaxed);
-        c.registered_entries.fetch_add(1, Ordering::Relaxed);
-        c.cached_entries.fetch_add(1, Ordering::Relaxed);
-        c.registrations.fetch_add(1, Ordering::Relaxed);
+        c.registered_bytes.add(target.len() as u64);
+        c.registered_entries.add(1);
+        c.cached_entries.add(1);
+        c.registrations.add(1);
         // The index is written last: hits may find the entry from here on.
         dev.index
             .insert(target.start(), target.end(), entry.to_raw());
@@ -314,12 +313,10 @@ impl Manager {
         for ((e, r), m) in ranges.into_iter().zip(mapped) {
             self.unlink_live(dev, st, e);
             if !m {
-                dev.counters
-                    .invalidated_entries
-                    .fetch_add(1, Ordering::Relaxed);
+                dev.counters.invalidated_entries.add(1);
                 tracing::debug!(device = %dev.id, range = %r, "unmapped neighbour dropped instead of merged");
             } else if merge {
-                dev.counters.merges.fetch_add(1, Ordering::Relaxed);
+                dev.counters.merges.add(1);
             }
             st.doomed.push(e);
         }
@@ -388,7 +385,7 @@ impl Manager {
                 Err(Error::MemlockLimit {
                     device: dev.id,
                     range: target,
-                    registered_bytes: dev.counters.registered_bytes.load(Ordering::Relaxed),
+                    registered_bytes: dev.counters.registered_bytes.get(),
                     memlock_limit: memlock_limit(),
                     source,
                 })
@@ -408,7 +405,7 @@ impl Manager {
         target: Range,
         translation: ErasedTranslation,
     ) {
-        dev.counters.registrations.fetch_add(1, Ordering::Relaxed);
+        dev.counters.registrations.add(1);
         let sources = self.sources.read().clone();
         let _unwatch = Watches {
             sources: &sources,
@@ -425,11 +422,9 @@ impl Manager {
         range: Range,
         translation: ErasedTranslation,
     ) {
-        dev.counters.deregistrations.fetch_add(1, Ordering::Relaxed);
+        dev.counters.deregistrations.add(1);
         if let Err(e) = dev.backend.deregister(range, translation) {
-            dev.counters
-                .deregistration_errors
-                .fetch_add(1, Ordering::Relaxed);
+            dev.counters.deregistration_errors.add(1);
             tracing::warn!(device = %dev.id, %range, error = %e, "deregistration failed");
         } else {
             tracing::debug!(device = %dev.id, %range, "deregistered");
