@@ -9,8 +9,10 @@
 //! the stripe [`thread_stripe`] gave it, and a [`crate::Pin`] remembers its stripe so that
 //! it decrements the same one wherever it is dropped. The true count is the sum.
 //!
-//! Each stripe word holds the references in its low [`REF_BITS`] bits and a hit counter
-//! above them, so one `lock xadd` both takes the reference and counts the hit.
+//! Each 32-bit stripe word holds the references in its low [`REF_BITS`] bits and a hit
+//! counter in the 8 bits above them, so one `lock xadd` both takes the reference and counts
+//! the hit; the hit that wraps those 8 bits (`lock xadd` returns the old word, so exactly
+//! one hit sees it) carries 256 into its chunk's `hits_carried`.
 //!
 //! The reference bits never wrap (a wrapped count would let a held registration be
 //! deregistered and its entry reused: a use-after-free reachable from safe code with
@@ -61,6 +63,8 @@
 //! slot into one word, which is what the radix index stores.
 
 use std::cell::{Cell, UnsafeCell};
+use std::mem::size_of;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::backend::ErasedTranslation;
@@ -70,10 +74,12 @@ use crate::range::Range;
 pub(crate) const STRIPES: usize = 4;
 /// Bits of each stripe word that count references; the bits above count hits.
 pub(crate) const REF_BITS: u32 = 24;
-const REF_MASK: u64 = (1 << REF_BITS) - 1;
+const REF_MASK: u32 = (1 << REF_BITS) - 1;
 /// References one stripe may hold; beyond it an acquire fails (see the module docs).
-pub(crate) const REF_SATURATED: u64 = 1 << (REF_BITS - 1);
-const HIT_ONE: u64 = 1 << REF_BITS;
+pub(crate) const REF_SATURATED: u32 = 1 << (REF_BITS - 1);
+const HIT_ONE: u32 = 1 << REF_BITS;
+/// Hits one stripe word counts before carrying into its chunk.
+const HIT_WRAP: u64 = 1 << (32 - REF_BITS);
 /// Entries per chunk; a slot number fits in the low bits of the 4 KiB-aligned chunk
 /// address next to the index's tag bit.
 pub(crate) const CHUNK: usize = 512;
@@ -130,8 +136,8 @@ pub(crate) enum Acquire {
 /// device's intrusive lists (see `manager::lists`) and which of them it is on. The range
 /// and the registration id are not repeated here: the header and [`Published`] hold them.
 pub(crate) struct WriterSide {
-    pub prev: Option<EntryRef>,
-    pub next: Option<EntryRef>,
+    pub prev: Option<Link>,
+    pub next: Option<Link>,
     /// Whether the entry is parked: found pinned by the evictor and taken off the LRU so
     /// that sweeps do not revisit it (it returns when its last pin drops).
     pub parked: bool,
@@ -142,13 +148,17 @@ pub(crate) struct WriterSide {
     pub shadowed: bool,
 }
 
+/// An entry's number within its device (chunk number × [`CHUNK`] + slot, plus one): what
+/// the device's intrusive lists link with (see `manager::lists`).
+pub(crate) type Link = std::num::NonZeroU32;
+
 /// One stripe's counters, padded by a cache line so that the same entry's counters in
 /// different stripes do not share their low 12 address bits (4 KiB aliasing between the
 /// two hyperthreads of a core doing `lock xadd` on them measurably slowed two threads
 /// hitting the same buffer).
 #[repr(align(64))]
 struct StripeArray {
-    counters: [AtomicU64; CHUNK],
+    counters: [AtomicU32; CHUNK],
     _pad: [u64; 8],
 }
 
@@ -158,6 +168,10 @@ pub(crate) struct Chunk {
     /// The device (index) whose entries these are: a pin's reference alone names its
     /// device, keeping pins small (their size showed in the hit's cost).
     device: u32,
+    /// The chunk's number within its device (for [`Link`]s).
+    number: u32,
+    /// Hits carried out of the entries' stripe words (see the module docs).
+    hits_carried: AtomicU64,
     headers: [Header; CHUNK],
     stripes: [StripeArray; STRIPES],
     /// Guarded by the device's writer lock.
@@ -173,39 +187,95 @@ unsafe impl Sync for Chunk {}
 // SAFETY: as above; moving a chunk between threads moves only `Send` data.
 unsafe impl Send for Chunk {}
 
+/// An owned [`Chunk`] in an anonymous mapping of its own: exactly its pages (an aligned
+/// heap allocation of ~50 KiB rounds up and wastes the alignment), and no chunk-sized
+/// temporary on the stack while building it. Freed with its device.
+pub(crate) struct ChunkBox(NonNull<Chunk>);
+
+// SAFETY: owns its chunk, which is Send + Sync.
+unsafe impl Send for ChunkBox {}
+// SAFETY: as above.
+unsafe impl Sync for ChunkBox {}
+
+impl ChunkBox {
+    /// Chunk `number` of `device`; fails like an allocation when the mapping fails or the
+    /// device would have more entries than a [`Link`] can number (2^32 - 1).
+    pub(crate) fn new(device: u32, number: u32) -> ChunkBox {
+        let layout = std::alloc::Layout::new::<Chunk>();
+        if number as usize >= (u32::MAX as usize) / CHUNK {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: a fresh private anonymous mapping, owned by the returned box.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size_of::<Chunk>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED || p as usize & CHUNK_MASK != 0 {
+            std::alloc::handle_alloc_error(layout);
+        }
+        let chunk = p.cast::<Chunk>();
+        // SAFETY: the mapping is zero-filled, aligned and large enough for a Chunk; zero
+        // bytes are a valid value of every field (atomics at 0: `FREE`, no references, no
+        // links, flags false) except the translations and the device, written here
+        // through raw places before any reference to the chunk exists.
+        unsafe {
+            std::ptr::addr_of_mut!((*chunk).device).write(device);
+            std::ptr::addr_of_mut!((*chunk).number).write(number);
+            for slot in 0..CHUNK {
+                std::ptr::addr_of_mut!((*chunk).headers[slot].translation)
+                    .write(UnsafeCell::new(None));
+            }
+        }
+        ChunkBox(NonNull::new(chunk).expect("mmap does not return null on success"))
+    }
+}
+
+impl std::ops::Deref for ChunkBox {
+    type Target = Chunk;
+
+    fn deref(&self) -> &Chunk {
+        // SAFETY: initialised in `new`, unmapped only in `drop`.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl Drop for ChunkBox {
+    fn drop(&mut self) {
+        // SAFETY: we own the chunk and its mapping; nothing refers to it any more (chunks
+        // are dropped with their device). Dropping it drops any translation left.
+        unsafe {
+            std::ptr::drop_in_place(self.0.as_ptr());
+            libc::munmap(self.0.as_ptr().cast(), size_of::<Chunk>());
+        }
+    }
+}
+
 impl Chunk {
-    pub(crate) fn new(device: u32) -> Box<Chunk> {
-        Box::new(Chunk {
-            device,
-            headers: std::array::from_fn(|_| Header {
-                state: AtomicU32::new(FREE),
-                referenced: AtomicU16::new(0),
-                stripes_used: AtomicU16::new(0),
-                start: AtomicUsize::new(0),
-                end: AtomicUsize::new(0),
-                era: AtomicU64::new(0),
-                id: AtomicU64::new(0),
-                translation: UnsafeCell::new(None),
-            }),
-            stripes: std::array::from_fn(|_| StripeArray {
-                counters: std::array::from_fn(|_| AtomicU64::new(0)),
-                _pad: [0; 8],
-            }),
-            writers: std::array::from_fn(|_| {
-                UnsafeCell::new(WriterSide {
-                    prev: None,
-                    next: None,
-                    parked: false,
-                    stale: false,
-                    shadowed: false,
-                })
-            }),
-        })
+    /// The chunk's number within its device.
+    pub(crate) fn number(&self) -> u32 {
+        self.number
     }
 
     /// References to every entry of the chunk.
     pub(crate) fn entries(&self) -> impl DoubleEndedIterator<Item = EntryRef> + '_ {
         (0..CHUNK).map(move |slot| EntryRef::new(self, slot))
+    }
+
+    /// Hits counted on the chunk's entries since it was allocated.
+    pub(crate) fn hits(&self) -> u64 {
+        let in_words: u64 = self
+            .stripes
+            .iter()
+            .flat_map(|s| s.counters.iter())
+            .map(|c| u64::from(c.load(Ordering::Relaxed) >> REF_BITS))
+            .sum();
+        self.hits_carried.load(Ordering::Relaxed) + in_words
     }
 }
 
@@ -251,6 +321,17 @@ impl EntryRef {
         unsafe { &*((self.0.get() & !CHUNK_MASK) as *const Chunk) }
     }
 
+    /// The entry's [`Link`].
+    pub(crate) fn link(&self) -> Link {
+        let n = self.chunk().number as usize * CHUNK + self.slot() + 1;
+        Link::new(n as u32).expect("numbered from 1; bounded in ChunkBox::new")
+    }
+
+    /// The entry in slot `slot` of this entry's chunk.
+    pub(crate) fn in_same_chunk(&self, slot: usize) -> EntryRef {
+        EntryRef::new(self.chunk(), slot)
+    }
+
     /// The index of the device owning the entry.
     #[inline]
     pub(crate) fn device(&self) -> u32 {
@@ -268,7 +349,7 @@ impl EntryRef {
     }
 
     #[inline]
-    fn stripe(&self, stripe: usize) -> &AtomicU64 {
+    fn stripe(&self, stripe: usize) -> &AtomicU32 {
         &self.chunk().stripes[stripe].counters[self.slot()]
     }
 
@@ -290,6 +371,13 @@ impl EntryRef {
             self.stripe(stripe).fetch_sub(inc, Ordering::SeqCst);
             return Err(Acquire::Saturated);
         }
+        // This hit wrapped the word's hit bits: carry them (taken back if refused below).
+        let carried = hit && old >> REF_BITS == (HIT_WRAP - 1) as u32;
+        if carried {
+            self.chunk()
+                .hits_carried
+                .fetch_add(HIT_WRAP, Ordering::Relaxed);
+        }
         self.mark_stripe_used(stripe);
         // SeqCst load also acquires the range stores published before `LIVE`.
         if h.state.load(Ordering::SeqCst) == LIVE
@@ -301,6 +389,11 @@ impl EntryRef {
                 h.referenced.store(1, Ordering::Relaxed);
             }
             return Ok(());
+        }
+        if carried {
+            self.chunk()
+                .hits_carried
+                .fetch_sub(HIT_WRAP, Ordering::Relaxed);
         }
         Err(Acquire::Refused {
             slow: self.release_counted(stripe, inc),
@@ -322,7 +415,7 @@ impl EntryRef {
     }
 
     #[inline]
-    fn release_counted(&self, stripe: usize, dec: u64) -> bool {
+    fn release_counted(&self, stripe: usize, dec: u32) -> bool {
         self.stripe(stripe).fetch_sub(dec, Ordering::SeqCst);
         self.header().state.load(Ordering::SeqCst) != LIVE
     }
@@ -332,7 +425,7 @@ impl EntryRef {
         let used = self.header().stripes_used.load(Ordering::SeqCst);
         (0..STRIPES)
             .filter(|s| used & (1 << s) != 0)
-            .map(|s| self.stripe(s).load(Ordering::SeqCst) & REF_MASK)
+            .map(|s| u64::from(self.stripe(s).load(Ordering::SeqCst) & REF_MASK))
             .sum()
     }
 
@@ -345,13 +438,6 @@ impl EntryRef {
         if used.load(Ordering::SeqCst) & bit == 0 {
             used.fetch_or(bit, Ordering::SeqCst);
         }
-    }
-
-    /// Hits counted on this entry since its chunk was allocated.
-    pub(crate) fn hits(&self) -> u64 {
-        (0..STRIPES)
-            .map(|s| self.stripe(s).load(Ordering::Relaxed) >> REF_BITS)
-            .sum()
     }
 
     pub(crate) fn state(&self) -> u32 {

@@ -48,6 +48,28 @@ fn hit_calls_no_backend_and_covers_sub_ranges() {
 }
 
 #[test]
+fn hit_counts_are_exact_past_the_wrap_of_a_stripe_word() {
+    let arena = Arena::new(2);
+    let m = Manager::default();
+    let nic = m.attach(RecordingBackend::new("nic")).unwrap();
+    // Each stripe word counts 256 hits before carrying into its chunk; a second thread
+    // counts on another stripe.
+    drop(m.pin(arena.pages(0, 1), &[nic.id()]).unwrap());
+    for _ in 0..1000 {
+        drop(m.pin(arena.pages(0, 1), &[nic.id()]).unwrap());
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..700 {
+                drop(m.pin(arena.pages(0, 1), &[nic.id()]).unwrap());
+            }
+        });
+    });
+    let stats = m.stats();
+    assert_eq!((stats.hits(), stats.misses()), (1700, 1));
+}
+
+#[test]
 fn unaligned_request_is_rounded_out_to_pages() {
     let arena = Arena::new(8);
     let m = Manager::default();

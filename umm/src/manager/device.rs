@@ -11,12 +11,12 @@ use smallvec::SmallVec;
 
 use crate::backend::{Capabilities, ErasedBackend};
 use crate::device::DeviceId;
-use crate::entry::{Chunk, EntryRef};
+use crate::entry::{ChunkBox, EntryRef};
 use crate::error::{Error, Result};
 use crate::index::RadixIndex;
 use crate::range::Range;
 
-use super::lists::{FreeList, List};
+use super::lists::{ChunkTable, FreeList, List};
 use super::Manager;
 
 /// Capacity of each device's queue of recorded invalidations; beyond it the device
@@ -36,6 +36,8 @@ pub(super) type EntryMap = BTreeMap<(usize, u64), EntryRef>;
 /// `free`. The radix index finds the live and old entries by page; `shadowed` holds the
 /// ones it cannot find that way.
 pub(super) struct DeviceState {
+    /// The device's chunks by number, for the lists' links (`dev.chunks` owns them).
+    pub chunks: ChunkTable,
     pub free: FreeList,
     /// Live and old entries of which a newer entry took pages in the index (and those
     /// beyond the index's reach): with the index, every live entry is found by any of its
@@ -141,7 +143,7 @@ pub(super) struct DeviceSlot {
     /// not move (the index and pins point at them). Its own lock, so `stats` never takes
     /// the writer lock.
     #[allow(clippy::vec_box)]
-    pub chunks: RwLock<Vec<Box<Chunk>>>,
+    pub chunks: RwLock<Vec<ChunkBox>>,
     pub state: Mutex<DeviceState>,
     /// Signalled when entries are deregistered (busy waits of no-overlap devices).
     pub released: Condvar,
@@ -174,6 +176,7 @@ impl DeviceSlot {
             owes_work: AtomicBool::new(false),
             chunks: RwLock::new(Vec::new()),
             state: Mutex::new(DeviceState {
+                chunks: ChunkTable::default(),
                 free: FreeList::default(),
                 shadowed: BTreeMap::new(),
                 max_len: 0,

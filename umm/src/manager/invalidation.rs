@@ -188,8 +188,8 @@ impl Manager {
         dev.era.fetch_add(1, Ordering::SeqCst);
         let n = (st.lru.len() + st.parked.len()) as u64;
         // Both lists join the old one in O(1); their entries are unlinked later.
-        st.old.append(&mut st.lru);
-        st.old.append(&mut st.parked);
+        st.old.append(&mut st.lru, &st.chunks);
+        st.old.append(&mut st.parked, &st.chunks);
         dev.counters.invalidated_entries.add(n);
         dev.counters.cached_entries.set(0);
         tracing::debug!(device = %dev.id, entries = n, "invalidated everything (new era)");
@@ -199,7 +199,7 @@ impl Manager {
     /// `INVALID`, leaves the index, and is doomed or kept stale until its pins drop.
     pub(super) fn clean_old(&self, dev: &DeviceSlot, st: &mut DeviceState, budget: usize) {
         for _ in 0..budget {
-            let Some(e) = st.old.pop_front() else {
+            let Some(e) = st.old.pop_front(&st.chunks) else {
                 return;
             };
             Self::unlink_old(dev, st, e);
@@ -227,7 +227,7 @@ impl Manager {
 
     /// Takes an old-era entry off the old list and unlinks it.
     fn kill_old(dev: &DeviceSlot, st: &mut DeviceState, e: EntryRef) {
-        st.old.remove(e);
+        st.old.remove(e, &st.chunks);
         Self::unlink_old(dev, st, e);
     }
 
@@ -255,7 +255,7 @@ impl Manager {
         } else {
             // SAFETY: writer lock held.
             unsafe { e.writer() }.stale = true;
-            st.stale.push_back(e);
+            st.stale.push_back(e, &st.chunks);
         }
     }
 
@@ -266,9 +266,9 @@ impl Manager {
         // SAFETY: writer lock held.
         let w = unsafe { e.writer() };
         if std::mem::take(&mut w.parked) {
-            st.parked.remove(e);
+            st.parked.remove(e, &st.chunks);
         } else {
-            st.lru.remove(e);
+            st.lru.remove(e, &st.chunks);
         }
         if std::mem::take(&mut w.shadowed) {
             st.shadowed.remove(&(range.start(), e.id()));

@@ -289,13 +289,7 @@ impl Manager {
             .each_device()
             .map(|dev| {
                 // Stripes are never reset, so the pool's sum counts recycled entries too.
-                let hits: u64 = dev
-                    .chunks
-                    .read()
-                    .iter()
-                    .flat_map(|c| c.entries())
-                    .map(|e| e.hits())
-                    .sum();
+                let hits: u64 = dev.chunks.read().iter().map(|c| c.hits()).sum();
                 let c = &dev.counters;
                 DeviceStats {
                     id: dev.id,
@@ -357,7 +351,7 @@ impl Drop for Manager {
             self.clean_old(dev, &mut st, usize::MAX);
             let st = &mut *st;
             for list in [&mut st.lru, &mut st.parked, &mut st.stale] {
-                while let Some(e) = list.pop_front() {
+                while let Some(e) = list.pop_front(&st.chunks) {
                     e.set_state(INVALID);
                     st.doomed.push(e);
                 }

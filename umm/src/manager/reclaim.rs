@@ -42,14 +42,14 @@ impl Manager {
         match e.state() {
             INVALID if w.stale => {
                 w.stale = false;
-                st.stale.remove(e);
+                st.stale.remove(e, &st.chunks);
                 st.doomed.push(e);
             }
             // (A parked entry of an earlier era is on the old list now.)
             LIVE if w.parked && e.era() == dev.era() => {
                 w.parked = false;
-                st.parked.remove(e);
-                st.lru.push_back(e);
+                st.parked.remove(e, &st.chunks);
+                st.lru.push_back(e, &st.chunks);
             }
             _ => {}
         }
@@ -104,19 +104,19 @@ impl Manager {
         while !enough(freed) && budget > 0 {
             budget -= 1;
             dev.counters.eviction_scans.add(1);
-            let Some(e) = st.lru.front() else {
+            let Some(e) = st.lru.front(&st.chunks) else {
                 break;
             };
             if e.take_referenced() {
-                st.lru.remove(e);
-                st.lru.push_back(e);
+                st.lru.remove(e, &st.chunks);
+                st.lru.push_back(e, &st.chunks);
                 continue;
             }
             if !e.try_kill() {
-                st.lru.remove(e);
+                st.lru.remove(e, &st.chunks);
                 // SAFETY: writer lock held.
                 unsafe { e.writer() }.parked = true;
-                st.parked.push_back(e);
+                st.parked.push_back(e, &st.chunks);
                 continue;
             }
             let range = e.range();
@@ -154,7 +154,7 @@ impl Manager {
         // probe found it sees the flag and comes back here (SeqCst on both sides).
         if !dev.over_limit.swap(true, Ordering::SeqCst) {
             // Parked entries may have been released while the flag was down: back to the LRU.
-            let parked: Vec<EntryRef> = st.parked.iter().collect();
+            let parked: Vec<EntryRef> = st.parked.iter(&st.chunks).collect();
             for e in parked {
                 self.reclaim(dev, st, e);
             }
@@ -194,7 +194,7 @@ impl Manager {
             let st = locked.st();
             self.apply_pending(dev, st);
             self.clean_old(dev, st, usize::MAX);
-            let stale: Vec<EntryRef> = st.stale.iter().collect();
+            let stale: Vec<EntryRef> = st.stale.iter(&st.chunks).collect();
             for e in stale {
                 self.reclaim(dev, st, e);
             }

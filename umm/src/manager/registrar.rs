@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{BackendErrorKind, ErasedTranslation};
-use crate::entry::{Acquire, Chunk, EntryRef, LIVE};
+use crate::entry::{Acquire, ChunkBox, EntryRef, LIVE};
 use crate::error::{memlock_limit, Error, Result};
 use crate::range::{is_mapped, Range};
 use crate::source::{NotifierSource, Uncovered};
@@ -170,17 +170,18 @@ impl Manager {
         }
         let st = locked.st();
         if st.free.is_empty() {
-            let chunk = Chunk::new(dev.id.index);
+            let chunk = ChunkBox::new(dev.id.index, st.chunks.next_number());
+            st.chunks.push(&chunk);
             for e in chunk.entries().rev() {
                 st.free.push(e);
             }
             dev.chunks.write().push(chunk);
         }
-        let entry = st.free.pop().expect("refilled above");
+        let entry = st.free.pop(&st.chunks).expect("refilled above");
         // SAFETY: the entry is FREE and unreferenced (fresh, or retired with refs == 0);
         // writer lock held.
         unsafe { entry.publish(target, cookie, dev.era(), translation, stripe) };
-        st.lru.push_back(entry);
+        st.lru.push_back(entry, &st.chunks);
         st.max_len = st.max_len.max(target.len());
         // The entries whose pages it takes in the index are found through `shadowed` from
         // now on (as is the entry itself if the index cannot hold it).
@@ -238,7 +239,7 @@ impl Manager {
             // held if it has references (probed here, decided by `try_kill` below).
             let holder = st
                 .stale
-                .iter()
+                .iter(&st.chunks)
                 .map(|e| e.range())
                 .find(|r| r.overlaps(&want))
                 .or_else(|| {
