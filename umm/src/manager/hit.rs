@@ -23,7 +23,40 @@ impl Manager {
     /// backend, takes no lock and allocates nothing (for up to 4 devices). Misses register
     /// the range rounded out to the device's alignment; only the devices that missed are
     /// registered.
+    #[inline]
     pub fn pin(&self, range: Range, devices: &[DeviceId]) -> Result<Pin<'_>> {
+        // The common case, inlined into the caller so the pin is built in place: one
+        // device, a hit.
+        if let [device] = devices {
+            if let Some(pin) = self.try_pin_one(range, *device) {
+                return Ok(pin);
+            }
+        }
+        self.pin_any(range, devices)
+    }
+
+    /// A hit on one device, or `None` for [`Manager::pin_any`] to handle (a miss, or
+    /// anything that fails: it finds the same failure and reports it).
+    #[inline]
+    fn try_pin_one(&self, range: Range, device: DeviceId) -> Option<Pin<'_>> {
+        self.owner.check().ok()?;
+        self.sync_sources();
+        let stripe = thread_stripe();
+        let dev = self.device(device).ok()?;
+        let entry = self.try_hit(dev, &range, stripe).ok()??;
+        let mut holds = SmallVec::new();
+        holds.push(entry);
+        Some(Pin {
+            manager: self,
+            range,
+            stripe: stripe as u8,
+            holds,
+        })
+    }
+
+    /// [`Manager::pin`] for any number of devices, hits and misses.
+    #[inline(never)]
+    fn pin_any(&self, range: Range, devices: &[DeviceId]) -> Result<Pin<'_>> {
         if devices.len() > MAX_PIN_DEVICES {
             return Err(Error::BadDeviceList {
                 reason: "more than MAX_PIN_DEVICES devices",
@@ -255,7 +288,7 @@ impl<M: Deref<Target = Manager>> Pinned<M> {
         let manager: &Manager = &self.manager;
         manager.sync_sources();
         self.holds.iter().all(|h| {
-            let Ok(dev) = manager.device_at(h.device()) else {
+            let Some(dev) = manager.device_at(h.device()) else {
                 return false;
             };
             if !dev.clean() && Locked::lock(manager, dev, false).is_err() {
@@ -272,7 +305,7 @@ impl<M: Deref<Target = Manager>> Drop for Pinned<M> {
         let stripe = self.stripe as usize;
         for h in &self.holds {
             let not_live = h.release(stripe);
-            if let Ok(dev) = manager.device_at(h.device()) {
+            if let Some(dev) = manager.device_at(h.device()) {
                 if not_live || dev.over_limit.load(Ordering::SeqCst) {
                     manager.slow_release(dev, *h);
                 }

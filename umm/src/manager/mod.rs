@@ -261,18 +261,17 @@ impl Manager {
         Ok(())
     }
 
-    fn device_at(&self, index: u32) -> Result<&DeviceSlot> {
-        self.device(DeviceId {
-            manager: self.id,
-            index,
-        })
+    /// This manager's device number `index` (a pin's entries name theirs).
+    #[inline]
+    fn device_at(&self, index: u32) -> Option<&DeviceSlot> {
+        self.devices.get(index as usize).and_then(|d| d.get())
     }
 
+    #[inline]
     fn device(&self, id: DeviceId) -> Result<&DeviceSlot> {
-        self.devices
-            .get(id.index())
-            .filter(|_| id.manager == self.id)
-            .and_then(|d| d.get())
+        (id.manager == self.id)
+            .then(|| self.device_at(id.index))
+            .flatten()
             .ok_or_else(|| Error::UnknownDevice(id))
     }
 
