@@ -29,18 +29,21 @@
 //!    recorded but not yet applied, take the slow path.
 //! 3. Walk the radix index for the first page of the range → entry.
 //! 4. `lock xadd` on this thread's stripe of the entry's reference count, load the state,
-//!    era and range: done. Dropping the [`Pin`] is one `lock xadd` and two loads.
+//!    era and range (the entry's header line, which also holds the translation the pin
+//!    hands out): done. Dropping the [`Pin`] is one `lock xadd` and two loads. The
+//!    one-device hit is inlined into the caller.
 //!
 //! # Invalidation
 //!
 //! [`Manager::invalidate`] may run on a notifier thread (userfaultfd reader) while the
 //! thread that caused the event is blocked, possibly inside a `pin` that holds a device's
 //! writer lock (a backend that unmaps while registering). So it never waits for a writer
-//! lock: for each device whose index (or in-flight registration) overlaps the range it
-//! pushes the range onto the device's bounded, allocation-free queue of pending
-//! invalidations (overflow sets an "invalidate everything" flag, counted), bumps the
-//! device's `dirty` counter, and then applies the queue if `try_lock` succeeds. Whoever
-//! holds the lock applies the queue before publishing anything and again after unlocking.
+//! lock: for each device whose index (or in-flight registration) overlaps the range, it
+//! applies the invalidation at once if `try_lock` succeeds (no registration is in flight
+//! then: they run under the lock); otherwise it pushes the range onto the device's
+//! bounded, allocation-free queue of pending invalidations (overflow sets an "invalidate
+//! everything" flag, counted) and bumps the device's `dirty` counter. Whoever holds the
+//! lock applies the queue before publishing anything and again after unlocking.
 //! From the moment `invalidate` returns, no hit can return an overlapping entry: hits
 //! compare `dirty` with `applied` first. [`Manager::invalidate_deferred`] is the
 //! record-only half, for hooks that run inside `malloc`. Invalidating everything is O(1)
