@@ -1,13 +1,12 @@
 //! One attached device's cache: the lock-free half hits read, and the writer side behind
 //! the device's lock.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
-use smallvec::SmallVec;
 
 use crate::backend::{Capabilities, ErasedBackend};
 use crate::device::DeviceId;
@@ -238,10 +237,47 @@ impl DeviceSlot {
     }
 }
 
+/// Most device locks one thread records as held at once (a chain of backend calls that
+/// each pin on another device); deeper, re-entrancy is no longer detected.
+const HELD_MAX: usize = 16;
+
+/// The device locks this thread holds, as `manager id << 32 | device index` (never 0):
+/// a blocking `lock` of one of them from inside a backend call would deadlock. Plain
+/// cells, constant-initialised: every lock and unlock touches it.
+struct HeldLocks {
+    keys: [Cell<u64>; HELD_MAX],
+    len: Cell<usize>,
+}
+
+impl HeldLocks {
+    fn contains(&self, key: u64) -> bool {
+        self.keys[..self.len.get()].iter().any(|k| k.get() == key)
+    }
+
+    fn push(&self, key: u64) {
+        let n = self.len.get();
+        if n < HELD_MAX {
+            self.keys[n].set(key);
+            self.len.set(n + 1);
+        }
+    }
+
+    fn remove(&self, key: u64) {
+        let n = self.len.get();
+        if let Some(i) = (0..n).rev().find(|&i| self.keys[i].get() == key) {
+            self.keys[i].set(self.keys[n - 1].get());
+            self.len.set(n - 1);
+        }
+    }
+}
+
 thread_local! {
-    /// The device locks this thread holds, as (manager id, device index): a blocking
-    /// `lock` of one of them from inside a backend call would deadlock.
-    static HELD: RefCell<SmallVec<[(u32, u32); 4]>> = RefCell::new(SmallVec::new());
+    static HELD: HeldLocks = const {
+        HeldLocks {
+            keys: [const { Cell::new(0) }; HELD_MAX],
+            len: Cell::new(0),
+        }
+    };
 }
 
 /// Exclusive access to a device's writer side; on drop it unlocks and then keeps applying
@@ -256,15 +292,15 @@ pub(super) struct Locked<'a> {
 }
 
 impl<'a> Locked<'a> {
-    fn key(manager: &Manager, dev: &DeviceSlot) -> (u32, u32) {
-        (manager.id, dev.id.index)
+    fn key(manager: &Manager, dev: &DeviceSlot) -> u64 {
+        u64::from(manager.id) << 32 | u64::from(dev.id.index)
     }
 
     /// Blocks for the device's lock; refuses (instead of deadlocking) when this thread
     /// already holds it, i.e. when called from inside one of the device's backend calls.
     pub fn lock(manager: &'a Manager, dev: &'a DeviceSlot, may_call_backend: bool) -> Result<Self> {
         let key = Self::key(manager, dev);
-        if HELD.with(|h| h.borrow().contains(&key)) {
+        if HELD.with(|h| h.contains(key)) {
             return Err(Error::Reentrant { device: dev.id });
         }
         let g = dev.state.lock();
@@ -286,7 +322,7 @@ impl<'a> Locked<'a> {
         g: MutexGuard<'a, DeviceState>,
         may_call_backend: bool,
     ) -> Self {
-        HELD.with(|h| h.borrow_mut().push(Self::key(manager, dev)));
+        HELD.with(|h| h.push(Self::key(manager, dev)));
         Locked {
             manager,
             dev,
@@ -323,12 +359,7 @@ impl<'a> Locked<'a> {
     fn unlock(&mut self) {
         if self.st.take().is_some() {
             let key = Self::key(self.manager, self.dev);
-            HELD.with(|h| {
-                let mut h = h.borrow_mut();
-                if let Some(i) = h.iter().rposition(|k| *k == key) {
-                    h.remove(i);
-                }
-            });
+            HELD.with(|h| h.remove(key));
         }
     }
 }
@@ -343,7 +374,7 @@ impl Drop for Locked<'_> {
             }
             match self.dev.state.try_lock() {
                 Some(g) => {
-                    HELD.with(|h| h.borrow_mut().push(Self::key(self.manager, self.dev)));
+                    HELD.with(|h| h.push(Self::key(self.manager, self.dev)));
                     self.st = Some(g);
                 }
                 None => return, // the new holder settles on its unlock
