@@ -46,8 +46,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
-
 const FANOUT_BITS: u32 = 9;
 const FANOUT: usize = 1 << FANOUT_BITS;
 const LEVELS: u32 = 4;
@@ -67,9 +65,11 @@ const SLAB_NODES: usize = 256;
 /// Freed nodes kept resident for reuse; beyond this they are `MADV_DONTNEED`ed.
 const RESIDENT_SPARES: usize = 64;
 
-/// Where the index's nodes come from; see the [module docs](self). Only the writer (under
-/// the device's lock) allocates and frees; the mutex is uncontended.
-struct NodePool {
+/// Where an index's nodes come from; see the [module docs](self). Kept with the writer's
+/// state (under the device's lock) and passed to every update: taking it `&mut` is what
+/// makes an update exclusive, with no lock of its own. It must outlive the readers of its
+/// index: both belong to the device.
+pub(crate) struct NodePool {
     /// Every mapping ever made, unmapped when the index drops.
     slabs: Vec<*mut Node>,
     /// Freed nodes, resident (reused first) ...
@@ -80,7 +80,19 @@ struct NodePool {
     in_use: usize,
 }
 
+// SAFETY: the raw pointers are to the pool's own mappings, used only through `&mut self`.
+unsafe impl Send for NodePool {}
+
 impl NodePool {
+    pub(crate) fn new() -> Self {
+        NodePool {
+            slabs: Vec::new(),
+            spares: Vec::new(),
+            cold: Vec::new(),
+            in_use: 0,
+        }
+    }
+
     fn alloc(&mut self, fill: usize) -> *mut Node {
         let node = match self.spares.pop().or_else(|| self.cold.pop()) {
             Some(n) => n,
@@ -152,11 +164,12 @@ impl Drop for NodePool {
 /// See the [module docs](self).
 pub(crate) struct RadixIndex {
     root: Box<Node>,
-    pool: Mutex<NodePool>,
+    /// Nodes linked into the tree now (the root excluded), for `bytes` without the pool.
+    in_use: AtomicUsize,
 }
 
-// SAFETY: the raw node pointers in the pool are only used under its mutex (by the writer);
-// readers reach nodes through the atomic slots.
+// SAFETY: readers reach nodes through the atomic slots; nodes belong to the pool passed
+// to updates.
 unsafe impl Send for RadixIndex {}
 // SAFETY: as above.
 unsafe impl Sync for RadixIndex {}
@@ -190,18 +203,13 @@ impl RadixIndex {
             root: Box::new(Node {
                 slots: std::array::from_fn(|_| AtomicUsize::new(0)),
             }),
-            pool: Mutex::new(NodePool {
-                slabs: Vec::new(),
-                spares: Vec::new(),
-                cold: Vec::new(),
-                in_use: 0,
-            }),
+            in_use: AtomicUsize::new(0),
         }
     }
 
     /// Bytes of nodes linked into the tree now (the root included).
     pub(crate) fn bytes(&self) -> usize {
-        (self.pool.lock().in_use + 1) * std::mem::size_of::<Node>()
+        (self.in_use.load(Ordering::Relaxed) + 1) * std::mem::size_of::<Node>()
     }
 
     /// The entry word (an `EntryRef::to_raw`) the tree holds for the page of `addr`, or 0.
@@ -304,39 +312,52 @@ impl RadixIndex {
 
     /// Points every page of `[start, end)` at `entry` (the newest entry wins).
     /// Caller holds the writer lock.
-    pub(crate) fn insert(&self, start: usize, end: usize, entry: usize) {
+    pub(crate) fn insert(&self, pool: &mut NodePool, start: usize, end: usize, entry: usize) {
         let tagged = entry | ENTRY_TAG;
-        self.update(start, end, &|_| Some(tagged));
+        self.update(pool, start, end, &|_| Some(tagged));
     }
 
     /// Clears the pages of `[start, end)` that point at `entry`, and gives back the nodes
     /// that became empty. Caller holds the lock.
-    pub(crate) fn remove(&self, start: usize, end: usize, entry: usize) {
+    pub(crate) fn remove(&self, pool: &mut NodePool, start: usize, end: usize, entry: usize) {
         let tagged = entry | ENTRY_TAG;
-        self.update(start, end, &|cur| (cur == tagged).then_some(0));
+        self.update(pool, start, end, &|cur| (cur == tagged).then_some(0));
     }
 
     /// Points the pages of `[start, end)` that point at `old` at `new` instead (never
     /// through an empty slot: a lock-free reader sees one entry or the other). Caller holds
     /// the lock.
-    pub(crate) fn replace(&self, start: usize, end: usize, old: usize, new: usize) {
+    pub(crate) fn replace(
+        &self,
+        pool: &mut NodePool,
+        start: usize,
+        end: usize,
+        old: usize,
+        new: usize,
+    ) {
         let (old, new) = (old | ENTRY_TAG, new | ENTRY_TAG);
-        self.update(start, end, &|cur| (cur == old).then_some(new));
+        self.update(pool, start, end, &|cur| (cur == old).then_some(new));
     }
 
     /// Points the empty pages of `[start, end)` at `entry`. Caller holds the lock.
-    pub(crate) fn fill_empty(&self, start: usize, end: usize, entry: usize) {
+    pub(crate) fn fill_empty(&self, pool: &mut NodePool, start: usize, end: usize, entry: usize) {
         let tagged = entry | ENTRY_TAG;
-        self.update(start, end, &|cur| (cur == 0).then_some(tagged));
+        self.update(pool, start, end, &|cur| (cur == 0).then_some(tagged));
     }
 
     /// Applies `f` (current slot value → new value, `None` = keep) to every page of
     /// `[start, end)`, splitting upper slots that the range covers only in part and
     /// unlinking children that end up empty.
-    fn update(&self, start: usize, end: usize, f: &dyn Fn(usize) -> Option<usize>) {
+    fn update(
+        &self,
+        pool: &mut NodePool,
+        start: usize,
+        end: usize,
+        f: &dyn Fn(usize) -> Option<usize>,
+    ) {
         if let Some((first, last)) = pages(start, end) {
-            let mut pool = self.pool.lock();
-            Self::update_node(&mut pool, &self.root, LEVELS - 1, 0, first, last, f);
+            Self::update_node(pool, &self.root, LEVELS - 1, 0, first, last, f);
+            self.in_use.store(pool.in_use, Ordering::Relaxed);
         }
     }
 
@@ -412,27 +433,28 @@ mod tests {
     #[test]
     fn insert_lookup_remove_with_splits() {
         let ix = RadixIndex::new();
+        let mut pool = NodePool::new();
         let big = (1usize << 30, 3usize << 30); // two whole 1 GiB blocks
-        ix.insert(big.0, big.1, fake(1));
+        ix.insert(&mut pool, big.0, big.1, fake(1));
         assert_eq!(ix.lookup(big.0 + 12345), fake(1));
         assert_eq!(ix.lookup(big.1 - 1), fake(1));
         assert!(ix.lookup(big.1) == 0);
         // A small newer entry inside splits the upper slot; the rest still finds the big one.
-        ix.insert(big.0 + 0x5000, big.0 + 0x7000, fake(2));
+        ix.insert(&mut pool, big.0 + 0x5000, big.0 + 0x7000, fake(2));
         assert_eq!(ix.lookup(big.0 + 0x5000), fake(2));
         assert_eq!(ix.lookup(big.0 + 0x6fff), fake(2));
         assert_eq!(ix.lookup(big.0 + 0x4fff), fake(1));
         assert_eq!(ix.lookup(big.0 + 0x7000), fake(1));
         assert_eq!(ix.lookup(big.0 + (5 << 20)), fake(1));
         // Removing the small one leaves holes that fill_empty restores.
-        ix.remove(big.0 + 0x5000, big.0 + 0x7000, fake(2));
+        ix.remove(&mut pool, big.0 + 0x5000, big.0 + 0x7000, fake(2));
         assert!(ix.lookup(big.0 + 0x5000) == 0);
-        ix.fill_empty(big.0, big.1, fake(1));
+        ix.fill_empty(&mut pool, big.0, big.1, fake(1));
         assert_eq!(ix.lookup(big.0 + 0x5000), fake(1));
         // remove only clears slots of that entry.
-        ix.remove(big.0, big.1, fake(3));
+        ix.remove(&mut pool, big.0, big.1, fake(3));
         assert_eq!(ix.lookup(big.0), fake(1));
-        ix.remove(big.0, big.1, fake(1));
+        ix.remove(&mut pool, big.0, big.1, fake(1));
         assert!(ix.lookup(big.0) == 0 && ix.lookup(big.0 + 0x5000) == 0);
         assert!(!ix.any_in(big.0, big.1));
         assert_eq!(ix.bytes(), 4096, "every emptied node was given back");
@@ -441,31 +463,33 @@ mod tests {
     #[test]
     fn a_node_is_given_back_only_when_empty_on_both_sides_of_the_removal() {
         let ix = RadixIndex::new();
+        let mut pool = NodePool::new();
         let leaf = 1usize << 21; // one leaf node covers these 512 pages
-        ix.insert(leaf + 0x1000, leaf + 0x2000, fake(1));
-        ix.insert(leaf + 0x1f0000, leaf + 0x1f1000, fake(2)); // far after it
-        ix.insert(leaf + 0x100000, leaf + 0x101000, fake(3)); // in the middle
+        ix.insert(&mut pool, leaf + 0x1000, leaf + 0x2000, fake(1));
+        ix.insert(&mut pool, leaf + 0x1f0000, leaf + 0x1f1000, fake(2)); // far after it
+        ix.insert(&mut pool, leaf + 0x100000, leaf + 0x101000, fake(3)); // in the middle
         let with_leaf = ix.bytes();
-        ix.remove(leaf + 0x100000, leaf + 0x101000, fake(3));
+        ix.remove(&mut pool, leaf + 0x100000, leaf + 0x101000, fake(3));
         assert_eq!(ix.bytes(), with_leaf, "entries left before and after it");
-        ix.remove(leaf + 0x1f0000, leaf + 0x1f1000, fake(2));
+        ix.remove(&mut pool, leaf + 0x1f0000, leaf + 0x1f1000, fake(2));
         assert_eq!(ix.bytes(), with_leaf, "an entry left before it");
         assert_eq!(ix.lookup(leaf + 0x1000), fake(1));
-        ix.remove(leaf + 0x1000, leaf + 0x2000, fake(1));
+        ix.remove(&mut pool, leaf + 0x1000, leaf + 0x2000, fake(1));
         assert_eq!(ix.bytes(), 4096);
     }
 
     #[test]
     fn for_each_in_visits_the_words_of_the_range_in_order() {
         let ix = RadixIndex::new();
+        let mut pool = NodePool::new();
         let words = |start, end| {
             let mut v = Vec::new();
             ix.for_each_in(start, end, &mut |w| v.push(w));
             v
         };
-        ix.insert(1 << 30, 2 << 30, fake(1)); // one upper slot: passed once
-        ix.insert(0x10000, 0x12000, fake(2)); // two leaf pages
-        ix.insert(0x11000, 0x13000, fake(3)); // over the second one, and one more
+        ix.insert(&mut pool, 1 << 30, 2 << 30, fake(1)); // one upper slot: passed once
+        ix.insert(&mut pool, 0x10000, 0x12000, fake(2)); // two leaf pages
+        ix.insert(&mut pool, 0x11000, 0x13000, fake(3)); // over the second one, and one more
         assert_eq!(words(0, 3 << 30), vec![fake(2), fake(3), fake(3), fake(1)]);
         assert_eq!(words(0x11fff, 0x12001), vec![fake(3), fake(3)]);
         assert_eq!(words(0x13000, 1 << 30), Vec::<usize>::new());
@@ -475,13 +499,14 @@ mod tests {
     #[test]
     fn any_in_and_out_of_range() {
         let ix = RadixIndex::new();
-        ix.insert(0x10000, 0x12000, fake(7));
+        let mut pool = NodePool::new();
+        ix.insert(&mut pool, 0x10000, 0x12000, fake(7));
         assert!(ix.any_in(0x11fff, 0x20000));
         assert!(ix.any_in(0, usize::MAX));
         assert!(!ix.any_in(0x12000, 0x13000));
         assert!(!ix.any_in(0, 0x10000));
         // Beyond the covered address space: never found, never panics.
-        ix.insert(usize::MAX - 0xfff, usize::MAX, fake(9));
+        ix.insert(&mut pool, usize::MAX - 0xfff, usize::MAX, fake(9));
         assert!(ix.lookup(usize::MAX - 5) == 0);
     }
 }

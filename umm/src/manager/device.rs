@@ -12,7 +12,7 @@ use crate::backend::{Capabilities, ErasedBackend};
 use crate::device::DeviceId;
 use crate::entry::{ChunkBox, EntryRef};
 use crate::error::{Error, Result};
-use crate::index::RadixIndex;
+use crate::index::{NodePool, RadixIndex};
 use crate::range::Range;
 
 use super::lists::{ChunkTable, FreeList, List};
@@ -37,6 +37,8 @@ pub(super) type EntryMap = BTreeMap<(usize, u64), EntryRef>;
 pub(super) struct DeviceState {
     /// The device's chunks by number, for the lists' links (`dev.chunks` owns them).
     pub chunks: ChunkTable,
+    /// The nodes of the device's index (`DeviceSlot::index`), for its updates.
+    pub nodes: NodePool,
     pub free: FreeList,
     /// Live and old entries of which a newer entry took pages in the index (and those
     /// beyond the index's reach): with the index, every live entry is found by any of its
@@ -176,6 +178,7 @@ impl DeviceSlot {
             chunks: RwLock::new(Vec::new()),
             state: Mutex::new(DeviceState {
                 chunks: ChunkTable::default(),
+                nodes: NodePool::new(),
                 free: FreeList::default(),
                 shadowed: BTreeMap::new(),
                 max_len: 0,

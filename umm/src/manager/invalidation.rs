@@ -243,7 +243,8 @@ impl Manager {
         if std::mem::take(&mut w.shadowed) {
             st.shadowed.remove(&(range.start(), e.id()));
         }
-        dev.index.remove(range.start(), range.end(), e.to_raw());
+        dev.index
+            .remove(&mut st.nodes, range.start(), range.end(), e.to_raw());
         Self::doom_or_keep_stale(st, e);
     }
 
@@ -286,13 +287,15 @@ impl Manager {
                     continue;
                 }
                 let (lo, hi) = (r.start().max(range.start()), r.end().min(range.end()));
-                dev.index.replace(lo, hi, e.to_raw(), other.to_raw());
-                dev.index.fill_empty(lo, hi, other.to_raw());
+                dev.index
+                    .replace(&mut st.nodes, lo, hi, e.to_raw(), other.to_raw());
+                dev.index.fill_empty(&mut st.nodes, lo, hi, other.to_raw());
             }
         }
         #[cfg(test)]
         tests::unlink_window();
-        dev.index.remove(range.start(), range.end(), e.to_raw());
+        dev.index
+            .remove(&mut st.nodes, range.start(), range.end(), e.to_raw());
     }
 }
 

@@ -198,7 +198,7 @@ impl Manager {
         c.registrations.add(1);
         // The index is written last: hits may find the entry from here on.
         dev.index
-            .insert(target.start(), target.end(), entry.to_raw());
+            .insert(&mut st.nodes, target.start(), target.end(), entry.to_raw());
         // Only now: an invalidator that sees no registration in flight sees the index
         // entry (SeqCst RMW after the Release stores; `record` loads in the other order).
         drop(in_flight);
