@@ -20,10 +20,12 @@ fn hit(c: &mut Criterion) {
         let w = Workload::new(n);
         let (m, dev) = w.umm_manager();
         let mut k = 0;
+        // What a user does: pin, read the translation, drop.
         g.bench_with_input(BenchmarkId::new("umm", n), &n, |b, _| {
             b.iter(|| {
                 k += 1;
-                black_box(m.pin(w.range(w.pick(k)), &[dev.id()]).unwrap());
+                let p = m.pin(w.range(w.pick(k)), &[dev.id()]).unwrap();
+                black_box(*p.translation(dev).unwrap());
             })
         });
         let lin = LinearCache::new(&w);
