@@ -205,21 +205,11 @@ impl ChunkBox {
         if number as usize >= (u32::MAX as usize) / CHUNK {
             std::alloc::handle_alloc_error(layout);
         }
-        // SAFETY: a fresh private anonymous mapping, owned by the returned box.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size_of::<Chunk>(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+        // (Owned by the returned box.)
+        let chunk = match crate::range::map_anonymous(size_of::<Chunk>()) {
+            Some(p) if p.as_ptr() as usize & CHUNK_MASK == 0 => p.as_ptr().cast::<Chunk>(),
+            _ => std::alloc::handle_alloc_error(layout),
         };
-        if p == libc::MAP_FAILED || p as usize & CHUNK_MASK != 0 {
-            std::alloc::handle_alloc_error(layout);
-        }
-        let chunk = p.cast::<Chunk>();
         // SAFETY: the mapping is zero-filled, aligned and large enough for a Chunk; zero
         // bytes are a valid value of every field (atomics at 0: `FREE`, no references, no
         // links, flags false) except the translations and the device, written here

@@ -34,20 +34,8 @@ fn wiped_pid_word() -> Option<&'static AtomicUsize> {
     static PAGE: OnceLock<Option<usize>> = OnceLock::new();
     let page = (*PAGE.get_or_init(|| {
         let len = crate::range::page_size();
-        // SAFETY: a fresh private anonymous mapping, never unmapped (process-wide).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
+        // (Never unmapped unless the advice fails: process-wide.)
+        let p = crate::range::map_anonymous(len)?.as_ptr();
         // SAFETY: advice on the mapping made above.
         if unsafe { libc::madvise(p, len, libc::MADV_WIPEONFORK) } != 0 {
             // SAFETY: unmapping the mapping made above, which nothing references yet.

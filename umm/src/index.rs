@@ -98,21 +98,11 @@ impl NodePool {
             Some(n) => n,
             None => {
                 let bytes = SLAB_NODES * std::mem::size_of::<Node>();
-                // SAFETY: a fresh private anonymous mapping; we own it until Drop.
-                let p = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        bytes,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    )
-                };
-                if p == libc::MAP_FAILED {
+                // (Ours until Drop.)
+                let Some(p) = crate::range::map_anonymous(bytes) else {
                     std::alloc::handle_alloc_error(std::alloc::Layout::new::<Node>());
-                }
-                let base = p as *mut Node;
+                };
+                let base = p.as_ptr().cast::<Node>();
                 self.slabs.push(base);
                 // SAFETY: every `base.add(i)` lies inside the new mapping of SLAB_NODES nodes.
                 self.cold

@@ -150,6 +150,27 @@ pub fn page_size() -> usize {
     })
 }
 
+/// A fresh private anonymous read-write mapping of `len` bytes (zero-filled,
+/// page-aligned), owned by the caller, who unmaps it; `None` if the kernel refuses.
+pub(crate) fn map_anonymous(len: usize) -> Option<std::ptr::NonNull<libc::c_void>> {
+    // SAFETY: a new mapping at an address the kernel picks: it touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        None
+    } else {
+        std::ptr::NonNull::new(p)
+    }
+}
+
 /// Whether every page of `range` is mapped: `msync(MS_ASYNC)` fails with `ENOMEM` on
 /// unmapped pages and otherwise does nothing for anonymous memory.
 pub(crate) fn is_mapped(range: &Range) -> bool {
