@@ -37,10 +37,16 @@ pub(super) fn overlapping(dev: &DeviceSlot, st: &DeviceState, range: &Range) -> 
         found.dedup();
     }
     if !st.shadowed.is_empty() {
+        // (Each shadowed entry is in the map once; those the index also has are skipped
+        // by a binary search of the sorted part, so a huge range stays O(n log n).)
+        let in_index = found.len();
         let lo = range.start().saturating_sub(st.max_len);
         let shadowed = st.shadowed.range((lo, 0)..=(range.end(), u64::MAX));
         for (_, e) in shadowed {
-            if e.range().overlaps(range) && !found.contains(e) {
+            let known = found[..in_index]
+                .binary_search_by_key(&e.to_raw(), |f| f.to_raw())
+                .is_ok();
+            if !known && e.range().overlaps(range) {
                 found.push(*e);
             }
         }
