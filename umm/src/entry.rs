@@ -134,7 +134,7 @@ pub(crate) enum Acquire {
 
 /// State only the holder of the device's writer lock touches: the entry's links in the
 /// device's intrusive lists (see `manager::lists`) and which of them it is on. The range
-/// and the registration id are not repeated here: the header and [`Published`] hold them.
+/// and the registration id are not repeated here: the header holds them.
 pub(crate) struct WriterSide {
     pub prev: Option<Link>,
     pub next: Option<Link>,
