@@ -270,9 +270,9 @@ impl RadixIndex {
     /// address order (a word covering many pages through an upper slot is passed once
     /// per slot, so the same word may come several times). Caller holds the writer lock
     /// (the tree does not change meanwhile). Allocation-free.
-    pub(crate) fn for_each_in(&self, start: usize, end: usize, f: &mut dyn FnMut(usize)) {
+    pub(crate) fn for_each_in(&self, start: usize, end: usize, mut f: impl FnMut(usize)) {
         if let Some((first, last)) = pages(start, end) {
-            Self::for_each_in_node(&self.root, LEVELS - 1, 0, first, last, f);
+            Self::for_each_in_node(&self.root, LEVELS - 1, 0, first, last, &mut f);
         }
     }
 
@@ -282,7 +282,7 @@ impl RadixIndex {
         base: u64,
         first: u64,
         last: u64,
-        f: &mut dyn FnMut(usize),
+        f: &mut impl FnMut(usize),
     ) {
         let bits = span_bits(level);
         let lo = ((first.max(base) - base) >> bits) as usize;
@@ -343,7 +343,7 @@ impl RadixIndex {
         pool: &mut NodePool,
         start: usize,
         end: usize,
-        f: &dyn Fn(usize) -> Option<usize>,
+        f: &impl Fn(usize) -> Option<usize>,
     ) {
         if let Some((first, last)) = pages(start, end) {
             Self::update_node(pool, &self.root, LEVELS - 1, 0, first, last, f);
@@ -358,7 +358,7 @@ impl RadixIndex {
         base: u64,
         first: u64,
         last: u64,
-        f: &dyn Fn(usize) -> Option<usize>,
+        f: &impl Fn(usize) -> Option<usize>,
     ) {
         let bits = span_bits(level);
         let lo = ((first.max(base) - base) >> bits) as usize;
@@ -474,7 +474,7 @@ mod tests {
         let mut pool = NodePool::new();
         let words = |start, end| {
             let mut v = Vec::new();
-            ix.for_each_in(start, end, &mut |w| v.push(w));
+            ix.for_each_in(start, end, |w| v.push(w));
             v
         };
         ix.insert(&mut pool, 1 << 30, 2 << 30, fake(1)); // one upper slot: passed once

@@ -23,15 +23,14 @@ pub(super) type Found = SmallVec<[EntryRef; 8]>;
 /// current and old eras apart with [`EntryRef::era`]. The caller holds the writer lock.
 pub(super) fn overlapping(dev: &DeviceSlot, st: &DeviceState, range: &Range) -> Found {
     let mut found = Found::new();
-    dev.index
-        .for_each_in(range.start(), range.end(), &mut |raw| {
-            // SAFETY: the index only holds words made by EntryRef::to_raw of this device's
-            // chunks, which live as long as the device.
-            let e = unsafe { EntryRef::from_raw(raw) };
-            if found.last() != Some(&e) {
-                found.push(e);
-            }
-        });
+    dev.index.for_each_in(range.start(), range.end(), |raw| {
+        // SAFETY: the index only holds words made by EntryRef::to_raw of this device's
+        // chunks, which live as long as the device.
+        let e = unsafe { EntryRef::from_raw(raw) };
+        if found.last() != Some(&e) {
+            found.push(e);
+        }
+    });
     if found.len() > 1 {
         found.sort_unstable_by_key(|e| e.to_raw());
         found.dedup();
