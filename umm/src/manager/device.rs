@@ -63,6 +63,35 @@ pub(super) struct DeviceState {
     pub inflight: Option<(Range, bool)>,
 }
 
+impl DeviceState {
+    /// Adds `e` to `shadowed` (once).
+    pub fn shadow(&mut self, e: EntryRef) {
+        // SAFETY: `DeviceState` is only reached under the device's writer lock.
+        let w = unsafe { e.writer() };
+        if !std::mem::replace(&mut w.shadowed, true) {
+            self.shadowed.insert((e.range().start(), e.id()), e);
+        }
+    }
+
+    /// Takes `e` out of `shadowed` if it is there.
+    pub fn unshadow(&mut self, e: EntryRef) {
+        // SAFETY: as in `shadow`.
+        let w = unsafe { e.writer() };
+        if std::mem::take(&mut w.shadowed) {
+            self.shadowed.remove(&(e.range().start(), e.id()));
+        }
+    }
+
+    /// The shadowed entries that may overlap `range` (those starting at most `max_len`
+    /// before it and before its end), in start order; callers check the overlap.
+    pub fn shadowed_near(&self, range: &Range) -> impl DoubleEndedIterator<Item = EntryRef> + '_ {
+        let lo = range.start().saturating_sub(self.max_len);
+        self.shadowed
+            .range((lo, 0)..=(range.end(), u64::MAX))
+            .map(|(_, e)| *e)
+    }
+}
+
 /// A counter only the device's writer lock holder changes and anyone reads
 /// (`Manager::stats`): changed with a plain load and store, not a locked read-modify-write
 /// (the lock already orders the writers; a miss and its deregistration change six).

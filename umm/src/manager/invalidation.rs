@@ -39,14 +39,12 @@ pub(super) fn overlapping(dev: &DeviceSlot, st: &DeviceState, range: &Range) -> 
         // (Each shadowed entry is in the map once; those the index also has are skipped
         // by a binary search of the sorted part, so a huge range stays O(n log n).)
         let in_index = found.len();
-        let lo = range.start().saturating_sub(st.max_len);
-        let shadowed = st.shadowed.range((lo, 0)..=(range.end(), u64::MAX));
-        for (_, e) in shadowed {
+        for e in st.shadowed_near(range) {
             let known = found[..in_index]
                 .binary_search_by_key(&e.to_raw(), |f| f.to_raw())
                 .is_ok();
             if !known && e.range().overlaps(range) {
-                found.push(*e);
+                found.push(e);
             }
         }
     }
@@ -243,11 +241,8 @@ impl Manager {
         e.set_state(INVALID);
         let range = e.range();
         // SAFETY: writer lock held.
-        let w = unsafe { e.writer() };
-        w.parked = false;
-        if std::mem::take(&mut w.shadowed) {
-            st.shadowed.remove(&(range.start(), e.id()));
-        }
+        unsafe { e.writer() }.parked = false;
+        st.unshadow(e);
         dev.index
             .remove(&mut st.nodes, range.start(), range.end(), e.to_raw());
         Self::doom_or_keep_stale(st, e);
@@ -276,17 +271,15 @@ impl Manager {
         } else {
             st.lru.remove(e, &st.chunks);
         }
-        if std::mem::take(&mut w.shadowed) {
-            st.shadowed.remove(&(range.start(), e.id()));
-        }
+        st.unshadow(e);
         dev.counters.cached_entries.sub(1);
         // The live entries it shadowed take its pages over *before* it leaves the index: a
         // page a live entry covers is never empty, even for an instant, so a lock-free
         // `record` never misses that entry (it would drop the invalidation).
         if !st.shadowed.is_empty() {
             let era = dev.era();
-            let lo = range.start().saturating_sub(st.max_len);
-            for (_, other) in st.shadowed.range((lo, 0)..=(range.end(), u64::MAX)) {
+            let near: Found = st.shadowed_near(&range).collect();
+            for other in near {
                 let r = other.range();
                 if !r.overlaps(&range) || other.state() != LIVE || other.era() != era {
                     continue;
@@ -326,19 +319,9 @@ mod tests {
 
     fn map(pages: usize) -> Range {
         let len = pages * crate::page_size();
-        // SAFETY: a fresh private anonymous mapping, leaked by the test.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Range::new(p as usize, len).unwrap()
+        // (Leaked by the test.)
+        let p = crate::range::map_anonymous(len).expect("mmap");
+        Range::new(p.as_ptr() as usize, len).unwrap()
     }
 
     /// An invalidation of a live entry that arrives while an entry shadowing it is being

@@ -133,12 +133,7 @@ impl Manager {
         if let Some(e) = top.filter(fits) {
             return Some(e);
         }
-        let lo = range.start().saturating_sub(st.max_len);
-        st.shadowed
-            .range((lo, 0)..=(range.start(), u64::MAX))
-            .rev()
-            .map(|(_, e)| *e)
-            .find(fits)
+        st.shadowed_near(range).rev().find(fits)
     }
 
     /// Watches, registers and publishes `want` (for a no-overlap device: the union with
@@ -186,10 +181,10 @@ impl Manager {
         // The entries whose pages it takes in the index are found through `shadowed` from
         // now on (as is the entry itself if the index cannot hold it).
         for other in overlapping(dev, st, &target) {
-            Self::shadow(st, other);
+            st.shadow(other);
         }
         if !dev.index.covers(target.end()) {
-            Self::shadow(st, entry);
+            st.shadow(entry);
         }
         let c = &dev.counters;
         c.registered_bytes.add(target.len() as u64);
@@ -205,16 +200,6 @@ impl Manager {
         tracing::debug!(device = %dev.id, range = %target, "registered");
         self.enforce_limits(dev, st);
         Ok(Some(entry))
-    }
-
-    /// Adds `e` to the device's map of shadowed entries (once).
-    fn shadow(st: &mut DeviceState, e: EntryRef) {
-        // SAFETY: writer lock held.
-        let w = unsafe { e.writer() };
-        if !std::mem::replace(&mut w.shadowed, true) {
-            let id = e.id();
-            st.shadowed.insert((e.range().start(), id), e);
-        }
     }
 
     /// For devices that refuse overlaps: waits (bounded) until no pinned entry, live or
