@@ -21,6 +21,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use umm::{Backend, BackendError, Capabilities, Config, Device, Manager, Range};
@@ -173,6 +174,50 @@ impl Backend for MappingCheckedNullBackend {
     fn deregister(&self, range: Range, t: u64) -> Result<(), BackendError> {
         NullBackend.deregister(range, t)
     }
+}
+
+/// Mean nanoseconds per step of one round of misses on `manager`'s device `device`: for
+/// each `k`, pin the gap page `w.gap(w.pick(k))` (a miss), drop the pin, invalidate it and
+/// flush (deregistration). What the harness's miss and invalidate rows time, and what
+/// `examples/missloop.rs` runs under a profiler.
+pub fn miss_round(
+    manager: &Manager,
+    device: umm::DeviceId,
+    w: &Workload,
+    ks: std::ops::Range<usize>,
+) -> MissRound {
+    let (mut miss, mut invalidate, mut flush) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let count = ks.len() as f64;
+    for k in ks {
+        let range = w.gap(w.pick(k));
+        let t = Instant::now();
+        let p = manager.pin(range, &[device]).expect("a miss registers");
+        miss += t.elapsed();
+        drop(p);
+        let t = Instant::now();
+        manager.invalidate(range);
+        invalidate += t.elapsed();
+        let t = Instant::now();
+        manager.flush();
+        flush += t.elapsed();
+    }
+    let per = |d: Duration| d.as_nanos() as f64 / count;
+    MissRound {
+        miss: per(miss),
+        invalidate: per(invalidate),
+        flush: per(flush),
+    }
+}
+
+/// What [`miss_round`] measured, in nanoseconds per step.
+#[derive(Clone, Copy, Debug)]
+pub struct MissRound {
+    /// `pin` of a page that is not cached (register + publish).
+    pub miss: f64,
+    /// `invalidate` of the page just registered (its pin dropped).
+    pub invalidate: f64,
+    /// `flush` (the deregistration).
+    pub flush: f64,
 }
 
 /// This process's resident set size in bytes.

@@ -10,9 +10,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use umm::{DeviceId, Manager};
 use umm_benches::{
-    rss_bytes, LinearCache, LockedBTreeCache, MappingCheckedNullBackend, Workload, HAS_UCX,
+    miss_round, rss_bytes, LinearCache, LockedBTreeCache, MappingCheckedNullBackend, Workload,
+    HAS_UCX,
 };
 
 const REPS: usize = 5;
@@ -323,37 +323,12 @@ fn miss_and_invalidate(r: &mut Report, n: usize, count: usize) {
     let (mut um, mut ui, mut cm, mut ci) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut checked_miss = Vec::new();
     let block = count / REPS;
-    // One round of misses (each invalidated and flushed): mean (miss, invalidate) in ns.
-    fn umm_round(
-        m: &Manager,
-        dev: DeviceId,
-        w: &Workload,
-        ks: std::ops::Range<usize>,
-    ) -> (f64, f64) {
-        let (mut miss, mut inval) = (Duration::ZERO, Duration::ZERO);
-        let count = ks.len() as f64;
-        for k in ks {
-            let range = w.gap(w.pick(k));
-            let t = Instant::now();
-            let p = m.pin(range, &[dev]).unwrap();
-            miss += t.elapsed();
-            drop(p);
-            let t = Instant::now();
-            m.invalidate(range);
-            inval += t.elapsed();
-            m.flush();
-        }
-        (
-            miss.as_nanos() as f64 / count,
-            inval.as_nanos() as f64 / count,
-        )
-    }
     for rep in 0..REPS {
         let ks = rep * block..(rep + 1) * block;
-        let (miss, inval) = umm_round(&m, dev.id(), &w, ks.clone());
-        um.push(miss);
-        ui.push(inval);
-        checked_miss.push(umm_round(&checked, checked_dev.id(), &w, ks).0);
+        let round = miss_round(&m, dev.id(), &w, ks.clone());
+        um.push(round.miss);
+        ui.push(round.invalidate);
+        checked_miss.push(miss_round(&checked, checked_dev.id(), &w, ks).miss);
         if let Some(c) = &ucx {
             let (mut miss, mut inval) = (Duration::ZERO, Duration::ZERO);
             for k in rep * block..(rep + 1) * block {
