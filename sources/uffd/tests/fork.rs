@@ -9,10 +9,11 @@ mod common;
 use common::{source, within, LIMIT};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use umm::testing::RecordingBackend;
-use umm::{InvalidationSink, Manager, NotifierSource, Range};
+use umm::{Device, InvalidationSink, Manager, NotifierSource, Range};
 use umm_uffd::{Options, UffdSource};
 
 fn map(pages: usize) -> Range {
@@ -36,6 +37,16 @@ fn map(pages: usize) -> Range {
 
 /// Forks; the child runs `child` and `_exit`s with its result; the parent waits (bounded:
 /// a child still running after [`LIMIT`] is killed and the test fails).
+/// A manager with one recording device, covered by a userfaultfd source, and four fresh
+/// pages; `None` (the test skips, `source` says why) without userfaultfd.
+fn covered_manager() -> Option<(Manager, Device<RecordingBackend>, Arc<UffdSource>, Range)> {
+    let s = source(Options::default())?;
+    let manager = Manager::default();
+    let dev = manager.attach(RecordingBackend::new("rec")).unwrap();
+    manager.add_source(s.clone()).unwrap();
+    Some((manager, dev, s, map(4)))
+}
+
 fn in_child(child: impl FnOnce() -> i32) {
     // SAFETY: the child runs `child` (each test keeps it to drops and syscalls) and `_exit`s.
     let pid = unsafe { libc::fork() };
@@ -132,13 +143,9 @@ fn child_dropping_its_copy_of_the_source_leaves_the_parent_reader_running() {
 #[test]
 fn child_dropping_its_copy_of_a_manager_leaves_the_parent_covered() {
     let _serial = common::serial();
-    let Some(s) = source(Options::default()) else {
+    let Some((manager, dev, s, r)) = covered_manager() else {
         return;
     };
-    let manager = Manager::default();
-    let dev = manager.attach(RecordingBackend::new("rec")).unwrap();
-    manager.add_source(s.clone()).unwrap();
-    let r = map(4);
     let pin = manager.pin(r, &[dev.id()]).unwrap();
     drop(pin);
     let mut copies = Some((manager, s));
@@ -250,13 +257,9 @@ fn parent_dropping_the_source_while_a_child_lives_leaves_no_munmap_blocked() {
 #[test]
 fn a_parent_write_after_fork_is_never_served_from_the_cache() {
     let _serial = common::serial();
-    let Some(s) = source(Options::default()) else {
+    let Some((manager, dev, s, r)) = covered_manager() else {
         return;
     };
-    let manager = Manager::default();
-    let dev = manager.attach(RecordingBackend::new("rec")).unwrap();
-    manager.add_source(s.clone()).unwrap();
-    let r = map(4);
     let before = manager
         .pin(r, &[dev.id()])
         .unwrap()
