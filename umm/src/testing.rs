@@ -27,6 +27,14 @@ pub struct RecordedTranslation {
 
 static CLOCK: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh private anonymous read-write mapping of `len` bytes (zero-filled), for tests
+/// and examples that need real memory to pin or to unmap. umm never unmaps it: the caller
+/// does, or leaves it to process exit. Panics if the kernel refuses.
+pub fn map_anonymous(len: usize) -> Range {
+    let p = crate::range::map_anonymous(len).expect("mmap of a private anonymous mapping");
+    Range::new(p.as_ptr() as usize, len).expect("a fresh mapping is a valid range")
+}
+
 /// Ticks and reads a process-wide logical clock shared with every [`RecordingBackend`]
 /// registration, so concurrent tests can order "registered before that invalidation began".
 pub fn now() -> u64 {

@@ -240,18 +240,8 @@ fn a_raw_munmap_seen_by_userfaultfd_reaches_ucm() {
     };
     let m = Monitor::new(source, SourceKind::Uffd, true, true);
     let len = 64 << 10;
-    // SAFETY: a fresh private anonymous mapping, unmapped below by the raw syscall.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    // (Unmapped below by the raw syscall.)
+    let p = umm::testing::map_anonymous(len).start() as *mut libc::c_void;
     // SAFETY: `p` is `len` writable bytes.
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xa5, len) };
     let Watch::Cookie(cookie) = m.watch(p as usize, len) else {

@@ -10,19 +10,7 @@ use umm_auto::{add_source_with, probe, Preference, SourceKind, Verdict};
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn mmap(len: usize) -> *mut u8 {
-    // SAFETY: anonymous private mapping, checked below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
+    umm::testing::map_anonymous(len).start() as *mut u8
 }
 
 #[test]

@@ -6,7 +6,7 @@ umm_interpose::export_hooks!();
 
 use std::sync::Arc;
 
-use umm::{testing::RecordingBackend, Manager, Range};
+use umm::{testing::RecordingBackend, Manager};
 use umm_auto::{add_source_with, probe_one, Preference, SourceKind};
 
 #[test]
@@ -28,23 +28,10 @@ fn interposition_is_available_once_declared_and_catches_munmap() {
     let choice = add_source_with(&m, Preference::Only(SourceKind::Interpose)).unwrap();
     assert_eq!(choice.picked, Some(SourceKind::Interpose));
     let nic = m.attach(RecordingBackend::new("nic")).unwrap();
-    let len = 1 << 16;
-    // SAFETY: anonymous private mapping, checked below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    let pin = m
-        .pin(Range::new(p as usize, len).unwrap(), &[nic.id()])
-        .unwrap();
+    let r = umm::testing::map_anonymous(1 << 16);
+    let pin = m.pin(r, &[nic.id()]).unwrap();
     // SAFETY: our own mapping.
-    assert_eq!(unsafe { libc::munmap(p, len) }, 0);
+    let unmapped = unsafe { libc::munmap(r.start() as *mut libc::c_void, r.len()) };
+    assert_eq!(unmapped, 0);
     assert!(!pin.is_valid());
 }

@@ -67,19 +67,7 @@ impl Log {
 }
 
 fn map(len: usize) -> *mut libc::c_void {
-    // SAFETY: a fresh anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p
+    umm::testing::map_anonymous(len).start() as *mut libc::c_void
 }
 
 fn r(p: *mut libc::c_void, len: usize) -> Range {

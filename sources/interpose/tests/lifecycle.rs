@@ -27,19 +27,7 @@ fn within<T: Send + 'static>(what: &str, secs: u64, f: impl FnOnce() -> T + Send
 }
 
 fn map(len: usize) -> *mut libc::c_void {
-    // SAFETY: a fresh anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p
+    umm::testing::map_anonymous(len).start() as *mut libc::c_void
 }
 
 /// Issue 11 item 4: the application drops the last `Arc<Manager>` while another thread

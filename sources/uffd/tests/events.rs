@@ -25,20 +25,7 @@ impl InvalidationSink for Log {
 }
 
 fn map(pages: usize) -> Range {
-    let len = pages * umm::page_size();
-    // SAFETY: a fresh private anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    Range::new(p as usize, len).unwrap()
+    umm::testing::map_anonymous(pages * umm::page_size())
 }
 
 fn touch(r: Range) {

@@ -17,22 +17,10 @@ use umm::{Device, InvalidationSink, Manager, NotifierSource, Range};
 use umm_uffd::{Options, UffdSource};
 
 fn map(pages: usize) -> Range {
-    let len = pages * umm::page_size();
-    // SAFETY: a fresh private anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    // SAFETY: the fresh mapping is `len` bytes long.
-    unsafe { std::ptr::write_bytes(p as *mut u8, 1, len) };
-    Range::new(p as usize, len).unwrap()
+    let r = umm::testing::map_anonymous(pages * umm::page_size());
+    // SAFETY: the fresh mapping is `r.len()` bytes long.
+    unsafe { std::ptr::write_bytes(r.start() as *mut u8, 1, r.len()) };
+    r
 }
 
 /// Forks; the child runs `child` and `_exit`s with its result; the parent waits (bounded:

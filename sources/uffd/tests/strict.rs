@@ -42,21 +42,10 @@ fn memfd_shared(len: usize) -> (OwnedFd, Range) {
 }
 
 fn anonymous(len: usize) -> Range {
-    // SAFETY: a fresh private anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    let r = umm::testing::map_anonymous(len);
     // SAFETY: the fresh mapping is `len` bytes long.
-    unsafe { std::ptr::write_bytes(p as *mut u8, 7, len) };
-    Range::new(p as usize, len).unwrap()
+    unsafe { std::ptr::write_bytes(r.start() as *mut u8, 7, len) };
+    r
 }
 
 fn unmap(r: Range) {

@@ -318,10 +318,7 @@ mod tests {
     }
 
     fn map(pages: usize) -> Range {
-        let len = pages * crate::page_size();
-        // (Leaked by the test.)
-        let p = crate::range::map_anonymous(len).expect("mmap");
-        Range::new(p.as_ptr() as usize, len).unwrap()
+        crate::testing::map_anonymous(pages * crate::page_size())
     }
 
     /// An invalidation of a live entry that arrives while an entry shadowing it is being
